@@ -1,0 +1,169 @@
+"""The teacher-cache contract, written down once (docs/cache-format.md explains it).
+
+Writer (pipeline.cache_writer) and reader (pipeline.cache_reader) both build on these
+definitions. This module imports neither torch nor transformers: stage two reads caches
+without any model code.
+
+A cache folder `<root>/<teacher-name>/` holds `manifest.json` and, per shard `<set>-NNNNN`:
+  shards/<shard>.arrow  Arrow IPC file, one record per row (ROW_COLUMNS + logits/cls)
+  shards/<shard>.zarr/  Zarr v3 group of ragged arrays flattened along a position axis:
+      hidden     (Σ len,  n_hidden_layers, d)      fp16  row r: [tok_offset, tok_offset+len)
+      attention  (Σ len², n_attention_layers, H)   fp16  row r: [att_offset, att_offset+len²)
+                                                          reshaped (len, len, layers, H)
+      values     (Σ len,  d)                       fp16  last layer value vectors (MiniLM)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from data.io import UserError, atomic_write_text
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+# Field groups a loss can ask for. Arrow-backed groups are cheap; Zarr-backed ones are
+# only opened when asked for.
+ARROW_FIELDS = ("logits", "cls", "input_ids")
+ZARR_FIELDS = ("hidden", "attention", "values")
+ALL_FIELDS = ARROW_FIELDS + ZARR_FIELDS
+
+
+def row_columns(num_labels: int, cls_width: int) -> pa.Schema:
+    """Arrow schema of one shard; cls_width = len(cls layers) * hidden size (0: no cls)."""
+    fields = [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("set", pa.string(), nullable=False),  # "train", "dev", "test" or "aug-<name>"
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source_id", pa.string()),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("provenance", pa.string()),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("text_b", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("length", pa.int32(), nullable=False),  # teacher tokens incl. specials
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("logits", pa.list_(pa.float32(), num_labels), nullable=False),
+        pa.field("tok_offset", pa.int64(), nullable=False),
+        pa.field("att_offset", pa.int64(), nullable=False),
+    ]
+    if cls_width:
+        fields.append(pa.field("cls", pa.list_(pa.float16(), cls_width), nullable=False))
+    return pa.schema(fields)
+
+
+@dataclass
+class TeacherInfo:
+    name: str
+    path: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_labels: int
+    weights_sha256: str
+    tokenizer_sha256: str
+
+
+@dataclass
+class FieldLayout:
+    """Which layers are stored. Hidden layer 0 is the embedding output; attention and
+    values layers are 1-based encoder layers."""
+
+    cls_layers: list[int] = field(default_factory=list)
+    hidden_layers: list[int] = field(default_factory=list)
+    attention_layers: list[int] = field(default_factory=list)
+    values_layer: int | None = None
+    float_dtype: str = "float16"
+    zarr_codec: str = "zstd"
+
+    def stored(self) -> set[str]:
+        out = {"logits", "input_ids"}
+        if self.cls_layers:
+            out.add("cls")
+        if self.hidden_layers:
+            out.add("hidden")
+        if self.attention_layers:
+            out.add("attention")
+        if self.values_layer is not None:
+            out.add("values")
+        return out
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    set: str
+    rows: int
+    tokens: int
+    arrow_sha256: str
+    zarr_sha256: str | None
+
+
+@dataclass
+class Manifest:
+    teacher: TeacherInfo
+    layout: FieldLayout
+    max_length: int
+    label_names: list[str]
+    data_name: str
+    sets: dict[str, dict] = field(default_factory=dict)  # set -> {rows, fingerprint}
+    shards: list[ShardInfo] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    created_by: str = "distil-cache"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{where}: cache schema version {version}, this reader understands {SCHEMA_VERSION}; "
+                            "rebuild the cache with `make teacher-cache`")
+        try:
+            return cls(
+                teacher=TeacherInfo(**d["teacher"]),
+                layout=FieldLayout(**d["layout"]),
+                max_length=d["max_length"],
+                label_names=d["label_names"],
+                data_name=d["data_name"],
+                sets=d["sets"],
+                shards=[ShardInfo(**s) for s in d["shards"]],
+                schema_version=version,
+                created_by=d.get("created_by", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where}: manifest is missing or has a malformed field ({e})") from None
+
+    def save(self, cache_dir: Path) -> None:
+        atomic_write_text(cache_dir / MANIFEST, self.to_json())
+
+    @classmethod
+    def load(cls, cache_dir: Path) -> "Manifest":
+        path = Path(cache_dir) / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{cache_dir}: no {MANIFEST}; not a teacher cache (run `make teacher-cache`)")
+        return cls.from_json(path.read_text(), str(path))
+
+
+def arrow_path(cache_dir: Path, shard: str) -> Path:
+    return Path(cache_dir) / SHARD_DIR / f"{shard}.arrow"
+
+
+def zarr_path(cache_dir: Path, shard: str) -> Path:
+    return Path(cache_dir) / SHARD_DIR / f"{shard}.zarr"
+
+
+def chunk_positions(bytes_per_position: int, target_bytes: int = 4 << 20) -> int:
+    """Positions per Zarr chunk so one chunk is about `target_bytes` (read whole chunks)."""
+    return max(1024, target_bytes // max(1, bytes_per_position))
