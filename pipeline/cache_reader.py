@@ -59,6 +59,7 @@ class ShardReader:
 
     def read(self, start: int, stop: int, fields=("logits",)) -> dict:
         """Rows [start, stop) of this shard: row fields always, plus the asked-for groups."""
+        stop = min(stop, self.info.rows)
         out = {name: self._column(name, start, stop).to_pylist() for name in ROW_FIELDS}
         n = stop - start
         if "logits" in fields:

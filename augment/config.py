@@ -1,0 +1,100 @@
+"""Typed configuration of `python -m augment.run` (filled by data.config.parse_cli)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from data.config import ConfigError
+
+METHODS = ("tang", "tinybert")
+
+
+@dataclass
+class TangParams:
+    """Tang et al. 2019 rules; defaults are the paper's."""
+
+    p_mask: float = 0.1  # word -> [MASK]
+    p_pos: float = 0.1  # word -> another corpus word with the same POS tag (unigram draw)
+    p_ng: float = 0.25  # keep only a random n-gram of the sample
+    ng_min: int = 1
+    ng_max: int = 5
+    n_iter: int = 20  # samples drawn per example (duplicates are dropped, so <= n_iter kept)
+    tokenizer: str = "tweet"  # tweet | treebank | wordpunct (NLTK, no NLTK data needed)
+    tagger: str = "auto"  # auto (NLTK perceptron if its data is installed, else textblob) | nltk | textblob
+    mask_token: str = "[MASK]"
+
+
+@dataclass
+class TinyBertParams:
+    """TinyBERT (Jiao et al. 2020) substitution; defaults are the reference script's (SST-2)."""
+
+    n_samples: int = 20  # N draws per example
+    k: int = 15  # K candidates per word
+    p_t: float = 0.4  # replacement probability per candidate word
+    mlm: str = "minilm-mlm"  # "minilm-mlm" (built offline, see augment/mlm.py) or any AutoModelForMaskedLM path / hub name
+    mlm_dir: str = "work/mlm"  # where "minilm-mlm" is built once and reused
+    mlm_steps: int = 300  # head-training steps for minilm-mlm
+    mlm_batch: int = 32
+    mlm_lr: float = 1e-3
+    mlm_layers: int = 0  # 0 = all encoder layers; tests use 1
+    mlm_train_encoder: bool = False  # False: train the prediction head only
+    batch: int = 256  # masked copies per MLM forward
+    max_length: int = 512  # tokens of `[CLS] masked [SEP] original [SEP]`
+    glove: str = "shipped"  # "shipped" (GloVe 6B 50d package) or a GloVe / word2vec text or .bin file
+    glove_vocab: int = 100_000  # search the first V GloVe words (the reference reads 100,000); 0 = all
+    cache_dir: str = "work/augment/cache"  # GloVe neighbour tables (Parquet), reused across runs
+    skip_stopwords: bool = True  # the reference leaves stop words and non-alphabetic words alone
+    drop_special: bool = True  # drop [UNK]/[CLS]/... from MLM candidates (the reference keeps them)
+    threads: int = 0  # torch threads; 0 = `workers`
+
+
+@dataclass
+class AugmentConfig:
+    data_dir: str = "work/data/tweets"
+    split: str = "train"
+    methods: list[str] = field(default_factory=lambda: ["tang"])
+    tang: TangParams = field(default_factory=TangParams)
+    tinybert: TinyBertParams = field(default_factory=TinyBertParams)
+    seed: int = 13
+    workers: int = 1  # Tang: processes over chunks; TinyBERT: torch threads
+    max_rows: int = 0  # 0 = all rows of the split, else the first max_rows
+    chunk_rows: int = 1000  # rows per part file (the resume unit)
+    out_dir: str = "work/augment"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"methods: {bad or self.methods} not known; choose from {list(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: {self.methods} lists a method twice")
+        for name, v in (("workers", self.workers), ("chunk_rows", self.chunk_rows)):
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.max_rows < 0:
+            raise ConfigError(f"max_rows must be >= 0, got {self.max_rows}")
+        t, b = self.tang, self.tinybert
+        for name, v in (("tang.p_mask", t.p_mask), ("tang.p_pos", t.p_pos), ("tang.p_ng", t.p_ng),
+                        ("tinybert.p_t", b.p_t)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if t.p_mask + t.p_pos > 1.0:
+            raise ConfigError(f"tang.p_mask + tang.p_pos must be <= 1, got {t.p_mask + t.p_pos}")
+        if not 1 <= t.ng_min <= t.ng_max:
+            raise ConfigError(f"tang n-gram bounds need 1 <= ng_min <= ng_max, got {t.ng_min}..{t.ng_max}")
+        for name, v in (("tang.n_iter", t.n_iter), ("tinybert.n_samples", b.n_samples), ("tinybert.k", b.k),
+                        ("tinybert.batch", b.batch)):
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if t.tokenizer not in ("tweet", "treebank", "wordpunct"):
+            raise ConfigError(f"tang.tokenizer: {t.tokenizer!r} is not tweet, treebank or wordpunct")
+        if t.tagger not in ("auto", "nltk", "textblob"):
+            raise ConfigError(f"tang.tagger: {t.tagger!r} is not auto, nltk or textblob")
+
+
+OPERATIONAL = {"mlm_dir", "cache_dir", "threads"}  # where/how fast, not what: kept out of provenance
+
+
+def method_params(cfg: AugmentConfig, method: str) -> dict:
+    """The parameters that define a method's output (recorded in provenance and run keys)."""
+    return {k: v for k, v in dataclasses.asdict(getattr(cfg, method)).items() if k not in OPERATIONAL}

@@ -1,0 +1,59 @@
+"""The stage-one config: data, teacher and cache sections of one YAML file."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data.io import UserError
+from data.prepare import DataConfig
+from pipeline.teacher import TeacherConfig
+
+
+@dataclass
+class CacheConfig:
+    root: str = "work/cache"
+    name: str = ""  # cache folder under root; default: the teacher folder's name
+    splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
+    augment_dir: str = "work/augment"  # every <method>.parquet there becomes set "aug-<method>"
+    augment_sets: list[str] = field(default_factory=list)  # empty: every set present
+    cls_layers: str = "all"  # all | none | comma list (0 = embeddings)
+    hidden_layers: str = "auto"  # auto = embeddings + 4 evenly spaced | none | comma list
+    attention_layers: str = "auto"  # auto = 4 evenly spaced | none | comma list (1-based)
+    store_values: bool = True  # last layer's value vectors (MiniLM value relation)
+    batch_size: int = 64
+    shard_rows: int = 2048
+    zarr_codec: str = "zstd"  # zstd | blosc-lz4 | none
+    max_rows: int = 0  # 0 = every row; else at most this many rows per set (tests, demos)
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on GPU (CPU runs fp32)
+    writer_queue: int = 4  # batches in flight between the teacher and the writer thread
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def evenly_spaced(num_layers: int, k: int = 4) -> list[int]:
+    return sorted({max(1, round(num_layers * i / k)) for i in range(1, k + 1)})
+
+
+def parse_layers(spec: str, num_layers: int, *, auto: list[int], lowest: int, what: str) -> list[int]:
+    """'all' | 'none' | 'auto' | '1,3,5' (negative counts from the top: -1 = last layer)."""
+    spec = str(spec).strip().lower()
+    if spec in ("none", ""):
+        return []
+    if spec == "all":
+        return list(range(lowest, num_layers + 1))
+    if spec == "auto":
+        return auto
+    try:
+        layers = [int(x) for x in spec.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"cache.{what}: {spec!r} is not all/none/auto or a comma list of layer numbers") from None
+    layers = sorted({num_layers + 1 + x if x < 0 else x for x in layers})
+    bad = [x for x in layers if not lowest <= x <= num_layers]
+    if bad:
+        raise UserError(f"cache.{what}: layer(s) {bad} outside {lowest}..{num_layers} for this teacher")
+    return layers

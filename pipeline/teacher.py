@@ -1,0 +1,184 @@
+"""`python -m pipeline.teacher`: fine-tune any HF encoder checkpoint for sequence classification.
+
+AdamW, linear warm-up + decay, gradient clipping, dev evaluation each epoch, the best
+epoch kept as a normal HF folder (config, safetensors, tokenizer) plus metrics.json.
+bf16 autocast on GPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import assets
+from data.config import save_config
+from data.io import UserError, atomic_write_text
+from data.prepare import load_meta, load_split
+
+METRICS = "metrics.json"
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str = "minilm"  # "minilm" = the shipped all-MiniLM-L6-v2; else a path or hub name
+    num_layers: int = 0  # 0 = all layers; n = keep the first n (tiny teachers for tests)
+    out_dir: str = "work/teachers/minilm-tweets"
+    max_length: int = 64
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_train_rows: int = 0  # 0 = the whole train split
+    seed: int = 13
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda asked for, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_classifier(checkpoint: str, num_labels: int, num_layers: int = 0, label_names=None):
+    """Model + tokenizer from a checkpoint; a fresh head when the checkpoint has none."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    path = assets.resolve_model(checkpoint)
+    extra = {"num_hidden_layers": num_layers} if num_layers else {}
+    if label_names:
+        extra["id2label"] = dict(enumerate(label_names))
+        extra["label2id"] = {n: i for i, n in enumerate(label_names)}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+    except OSError as e:
+        raise UserError(f"cannot load teacher checkpoint {checkpoint!r}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def encode(tokenizer, texts, texts_b, max_length: int) -> dict:
+    pairs = texts_b if texts_b is not None and any(t is not None for t in texts_b) else None
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, table, max_length: int, device, batch_size: int = 64) -> dict:
+    """Accuracy and macro-F1 of `model` on a labelled row table."""
+    model.eval()
+    texts, texts_b = table.column("text").to_pylist(), table.column("text_b").to_pylist()
+    labels = np.array(table.column("label").to_pylist())
+    order = np.argsort([len(t) for t in texts])
+    preds = np.empty(len(texts), dtype=np.int64)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = encode(tokenizer, [texts[j] for j in idx], [texts_b[j] for j in idx], max_length).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**batch).logits
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+    return classification_metrics(preds, labels, model.config.num_labels)
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
+    f1s = []
+    for k in range(num_labels):
+        tp = np.sum((preds == k) & (labels == k))
+        denom = np.sum(preds == k) + np.sum(labels == k)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return {"accuracy": float(np.mean(preds == labels)) if len(labels) else 0.0, "macro_f1": float(np.mean(f1s))}
+
+
+def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
+    """Fine-tune and save the best-on-dev epoch to cfg.out_dir (written atomically)."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    meta = load_meta(data_dir)
+    train, dev = load_split(data_dir, "train"), load_split(data_dir, "dev")
+    train = train.filter(train.column("label").is_valid())
+    if cfg.max_train_rows:
+        train = train.slice(0, cfg.max_train_rows)
+    if train.num_rows == 0:
+        raise UserError(f"{data_dir}: no labelled train rows to fine-tune the teacher on")
+    device = pick_device(cfg.device)
+    model, tokenizer = load_classifier(cfg.checkpoint, len(meta["label_names"]), cfg.num_layers, meta["label_names"])
+    model.to(device)
+    texts, texts_b = train.column("text").to_pylist(), train.column("text_b").to_pylist()
+    labels = torch.tensor(train.column("label").to_pylist())
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "norm"))]
+    rest = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "norm"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    out, best, history = Path(cfg.out_dir), None, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    from tqdm import tqdm
+
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0, perm = time.time(), torch.randperm(len(texts), generator=gen).tolist()
+        bar = tqdm(range(steps_per_epoch), desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            batch = encode(tokenizer, [texts[i] for i in idx], [texts_b[i] for i in idx], cfg.max_length).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels[idx].to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        dev_metrics = evaluate(model, tokenizer, dev, cfg.max_length, device)
+        history.append({"epoch": epoch + 1, "seconds": round(time.time() - t0, 1), **dev_metrics})
+        print(f"teacher epoch {epoch + 1}: dev accuracy {dev_metrics['accuracy']:.4f} macro-F1 {dev_metrics['macro_f1']:.4f}")
+        if best is None or dev_metrics["accuracy"] > best["accuracy"]:
+            best = {"epoch": epoch + 1, **dev_metrics}
+            _save_atomically(model, tokenizer, out)
+    test = load_split(data_dir, "test")
+    test = test.filter(test.column("label").is_valid())
+    from transformers import AutoModelForSequenceClassification
+
+    best_model = AutoModelForSequenceClassification.from_pretrained(out).to(device)
+    metrics = {"checkpoint": cfg.checkpoint, "best": best, "history": history, "train_rows": len(texts),
+               "test": evaluate(best_model, tokenizer, test, cfg.max_length, device) if test.num_rows else None,
+               "label_names": meta["label_names"], "max_length": cfg.max_length}
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
+    save_config(cfg, out, "teacher_config.json")
+    return metrics
+
+
+def _save_atomically(model, tokenizer, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():  # keep metrics/config written earlier out of the way: the folder is replaced whole
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def is_finetuned(path: str | Path) -> bool:
+    return (Path(path) / METRICS).is_file()

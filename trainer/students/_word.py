@@ -1,0 +1,130 @@
+"""Shared parts of the word-level students (BiLSTM, TextCNN): embeddings, pairs, batches.
+
+A subclass implements `_sentence(ids, lengths, hidden) -> (vector (B, d), hidden list | None)`
+and sets `feature_dim` (d) before calling `_build_head`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from data.config import from_dict
+from trainer.losses.types import StudentOutput
+from trainer.vocab import Vocab, load_embeddings
+
+WANT = frozenset({"hidden", "attention", "values"})
+
+
+def lengths_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, L) bool: position < length."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def pair_features(u: Tensor, v: Tensor) -> Tensor:
+    """[u; v; u∘v; |u−v|] (InferSent / Tang et al. sentence-pair features)."""
+    return torch.cat([u, v, u * v, (u - v).abs()], dim=-1)
+
+
+def check_want(want) -> frozenset:
+    want = frozenset(want)
+    if not want <= WANT:
+        raise ValueError(f"unknown `want` items {sorted(want - WANT)}; allowed: {sorted(WANT)}")
+    return want
+
+
+class WordStudent(nn.Module):
+    """Base: nn.Embedding (padding_idx 0) + a sentence encoder + a classifier head."""
+
+    kind = "word"
+    config_class: type = object
+
+    def __init__(self, cfg, vocab: Vocab | None = None, embeddings: Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.vocab = vocab
+        self.n_missing_embeddings: int | None = None
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=Vocab.pad_id)
+        if embeddings is not None:
+            if tuple(embeddings.shape) != (cfg.vocab_size, cfg.embed_dim):
+                raise ValueError(f"embeddings {tuple(embeddings.shape)} != ({cfg.vocab_size}, {cfg.embed_dim})")
+            with torch.no_grad():
+                self.embedding.weight.copy_(embeddings)
+        self.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: Any, vocab: Vocab | None = None, embeddings: Tensor | None = None,
+                    init_weights: bool = True) -> "WordStudent":
+        """Build from a config (dataclass or dict). With init_weights, the embedding matrix
+        is read from `cfg.embeddings` ("glove50" or a vector file) unless `embeddings` (a
+        (V, d) tensor) is passed; vocab_size/embed_dim are filled in from vocab/vectors."""
+        cfg = from_dict(cls.config_class, cfg) if isinstance(cfg, dict) else dataclasses.replace(cfg)
+        if vocab is not None:
+            if cfg.vocab_size and cfg.vocab_size != len(vocab):
+                raise ValueError(f"config vocab_size {cfg.vocab_size} != len(vocab) {len(vocab)}")
+            cfg.vocab_size = len(vocab)
+        if not cfg.vocab_size:
+            raise ValueError(f"{cls.__name__}: pass a Vocab or set vocab_size")
+        missing = None
+        if init_weights and embeddings is None and cfg.embeddings:
+            if vocab is None:
+                raise ValueError(f"{cls.__name__}: initialising embeddings from {cfg.embeddings!r} needs the Vocab")
+            embeddings, missing = load_embeddings(vocab, cfg.embeddings, seed=cfg.seed)
+        if init_weights and embeddings is not None:
+            cfg.embed_dim = int(embeddings.shape[1])
+        model = cls(cfg, vocab=vocab, embeddings=embeddings if init_weights else None)
+        model.n_missing_embeddings = missing
+        return model
+
+    def _build_head(self, feature_dim: int, mlp_hidden: int, dropout: float) -> None:
+        cfg = self.config
+        in_dim = 4 * feature_dim if cfg.pair else feature_dim
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if mlp_hidden:
+            layers += [nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = mlp_hidden
+        layers.append(nn.Linear(in_dim, cfg.num_labels))
+        self.head = nn.Sequential(*layers)
+
+    # ---------------------------------------------------------------- inputs
+    def encode_texts(self, texts, texts_b=None) -> dict:
+        """Raw strings -> the batch dict forward() takes (word_ids, word_lengths[, _b])."""
+        if self.vocab is None:
+            raise ValueError(f"{type(self).__name__} has no Vocab attached: cannot encode raw text")
+        ids, lengths = self.vocab.encode(list(texts), max_len=self.config.max_len)
+        batch = {"word_ids": ids, "word_lengths": lengths}
+        if self.config.pair:
+            if texts_b is None:
+                raise ValueError("this student was built for sentence pairs: pass texts_b")
+            ids_b, lengths_b = self.vocab.encode(list(texts_b), max_len=self.config.max_len)
+            batch.update(word_ids_b=ids_b, word_lengths_b=lengths_b)
+        return batch
+
+    # ---------------------------------------------------------------- forward
+    def _sentence(self, ids: Tensor, lengths: Tensor, hidden: bool) -> tuple[Tensor, list[Tensor] | None]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, want: frozenset = frozenset()) -> StudentOutput:
+        """Logits (and `pooled` = the classifier's input features) for single sentences or
+        pairs. want={"hidden"}: hidden_states per encoder stage, (B, L, d_stage); for pairs
+        the two sentences' states are concatenated along L (and so is `mask`).
+        "attention"/"values" have no meaning here and are ignored."""
+        hidden = "hidden" in check_want(want)
+        ids, lengths = batch["word_ids"], batch["word_lengths"].to(batch["word_ids"].device)
+        u, hid = self._sentence(ids, lengths, hidden)
+        mask = lengths_mask(lengths, ids.size(1))
+        if self.config.pair:
+            if "word_ids_b" not in batch:
+                raise KeyError("pair student: batch lacks word_ids_b / word_lengths_b")
+            ids_b, lengths_b = batch["word_ids_b"], batch["word_lengths_b"].to(ids.device)
+            v, hid_b = self._sentence(ids_b, lengths_b, hidden)
+            feats = pair_features(u, v)
+            mask = torch.cat([mask, lengths_mask(lengths_b, ids_b.size(1))], dim=1)
+            if hidden:
+                hid = [torch.cat([a, b], dim=1) for a, b in zip(hid, hid_b)]
+        else:
+            feats = u
+        return StudentOutput(logits=self.head(feats), hidden_states=hid if hidden else None, mask=mask, pooled=feats)

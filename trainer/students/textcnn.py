@@ -1,0 +1,69 @@
+"""Kim 2014 CNN student: filter widths 3/4/5 x 100 maps, ReLU, max over time, dropout 0.5.
+
+Inputs shorter than the widest filter are right-padded with <pad> (a zero row); windows
+that start past a sentence's last full window are masked out of the max, so the result
+does not depend on how much padding the batch has (a sentence shorter than a filter keeps
+its first window). Pairs: shared encoder, [u; v; u∘v; |u−v|]. Kim's head is one linear
+layer (mlp_hidden=0); his max-norm constraint on it is not applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.students._word import WordStudent
+
+
+@dataclass
+class TextCNNConfig:
+    num_labels: int = 2
+    vocab_size: int = 0  # filled from the Vocab
+    embed_dim: int = 50  # filled from the vectors when they are loaded
+    embeddings: str | None = "glove50"  # "glove50" | word2vec/GloVe file | None (random)
+    freeze_embeddings: bool = False
+    widths: list[int] = field(default_factory=lambda: [3, 4, 5])
+    num_filters: int = 100  # feature maps per width
+    mlp_hidden: int = 0  # 0 = Kim's linear head
+    dropout: float = 0.5
+    pair: bool = False
+    max_len: int | None = None  # encode_texts truncation (words)
+    seed: int = 0
+
+
+class TextCNNStudent(WordStudent):
+    """want={"hidden"}: hidden_states = [token embeddings (B,L,E), feature maps (B,L,W·F)]
+    where position t holds each width's ReLU output for the window starting at t (0 where
+    no window of that width starts)."""
+
+    kind = "textcnn"
+    config_class = TextCNNConfig
+
+    def __init__(self, cfg: TextCNNConfig, vocab=None, embeddings: Tensor | None = None):
+        super().__init__(cfg, vocab, embeddings)
+        if not cfg.widths or min(cfg.widths) < 1:
+            raise ValueError(f"widths must be positive, got {cfg.widths}")
+        self.convs = nn.ModuleList(nn.Conv1d(cfg.embed_dim, cfg.num_filters, w) for w in cfg.widths)
+        self._build_head(len(cfg.widths) * cfg.num_filters, cfg.mlp_hidden, cfg.dropout)
+
+    def _sentence(self, ids: Tensor, lengths: Tensor, hidden: bool):
+        L = ids.size(1)
+        widest = max(self.config.widths)
+        if L < widest:
+            ids = F.pad(ids, (0, widest - L), value=0)
+        emb = self.embedding(ids)  # (B, L', E)
+        x = emb.transpose(1, 2)
+        lengths = lengths.clamp(min=1)
+        pooled, maps = [], []
+        for width, conv in zip(self.config.widths, self.convs):
+            c = torch.relu(conv(x))  # (B, F, L'-w+1)
+            n_windows = (lengths - width + 1).clamp(min=1)
+            valid = torch.arange(c.size(2), device=c.device)[None, :] < n_windows[:, None]
+            c = c.masked_fill(~valid[:, None, :], 0.0)  # ReLU output >= 0: zeros never win the max
+            pooled.append(c.max(dim=2).values)
+            if hidden:
+                maps.append(F.pad(c, (0, emb.size(1) - c.size(2)))[:, :, :L].transpose(1, 2))
+        vec = torch.cat(pooled, dim=-1)
+        return vec, ([emb[:, :L], torch.cat(maps, dim=-1)] if hidden else None)
