@@ -42,7 +42,6 @@ class TinyBertParams:
     max_length: int = 512  # tokens of `[CLS] masked [SEP] original [SEP]`
     glove: str = "shipped"  # "shipped" (GloVe 6B 50d package) or a GloVe / word2vec text or .bin file
     glove_vocab: int = 100_000  # search the first V GloVe words (the reference reads 100,000); 0 = all
-    cache_dir: str = "work/augment/cache"  # GloVe neighbour tables (Parquet), reused across runs
     skip_stopwords: bool = True  # the reference leaves stop words and non-alphabetic words alone
     drop_special: bool = True  # drop [UNK]/[CLS]/... from MLM candidates (the reference keeps them)
     threads: int = 0  # torch threads; 0 = `workers`
@@ -60,6 +59,7 @@ class AugmentConfig:
     max_rows: int = 0  # 0 = all rows of the split, else the first max_rows
     chunk_rows: int = 1000  # rows per part file (the resume unit)
     out_dir: str = "work/augment"
+    cache_dir: str = "work/augment/cache"  # POS tags and GloVe neighbour tables (Parquet), reused across runs
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -92,7 +92,7 @@ class AugmentConfig:
             raise ConfigError(f"tang.tagger: {t.tagger!r} is not auto, nltk or textblob")
 
 
-OPERATIONAL = {"mlm_dir", "cache_dir", "threads"}  # where/how fast, not what: kept out of provenance
+OPERATIONAL = {"mlm_dir", "threads"}  # where/how fast, not what: kept out of provenance
 
 
 def method_params(cfg: AugmentConfig, method: str) -> dict:

@@ -44,14 +44,15 @@ def _nltk_tagger() -> tuple[Tagger, str]:
 
 
 def _textblob_tagger() -> tuple[Tagger, str]:
-    import textblob
+    from importlib.metadata import version
+
     from textblob.en import parser
 
     def tag(tokens: list[str]) -> list[str]:
         # find_tags takes our tokens as they are (no re-tokenising), one tag per token.
         return [t for _, t in parser.find_tags(list(tokens))]
 
-    return tag, f"textblob-{textblob.__version__}"
+    return tag, f"textblob-{version('textblob')}"
 
 
 def make_tagger(name: str) -> tuple[Tagger, str]:

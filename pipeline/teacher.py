@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from data import assets
+from data.metrics import classification_metrics
 from data.config import save_config
 from data.io import UserError, atomic_write_text
 from data.prepare import load_meta, load_split
@@ -95,15 +96,6 @@ def evaluate(model, tokenizer, table, max_length: int, device, batch_size: int =
             logits = model(**batch).logits
         preds[idx] = logits.argmax(-1).cpu().numpy()
     return classification_metrics(preds, labels, model.config.num_labels)
-
-
-def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
-    f1s = []
-    for k in range(num_labels):
-        tp = np.sum((preds == k) & (labels == k))
-        denom = np.sum(preds == k) + np.sum(labels == k)
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return {"accuracy": float(np.mean(preds == labels)) if len(labels) else 0.0, "macro_f1": float(np.mean(f1s))}
 
 
 def finetune(cfg: TeacherConfig, data_dir: str) -> dict:

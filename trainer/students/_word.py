@@ -46,6 +46,7 @@ class WordStudent(nn.Module):
         self.config = cfg
         self.vocab = vocab
         self.n_missing_embeddings: int | None = None
+        self.label_names: list[str] | None = None
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=Vocab.pad_id)
         if embeddings is not None:
             if tuple(embeddings.shape) != (cfg.vocab_size, cfg.embed_dim):

@@ -1,0 +1,126 @@
+"""GloVe nearest neighbours for multi-piece words (TinyBERT substitution).
+
+The reference searches the whole (first 100k words of the) GloVe matrix once per word
+occurrence. Here the neighbours of every distinct word a corpus needs are computed in
+blocked matrix products once and kept on disk as Parquet (word -> K neighbours); later
+runs load the table and only compute words it lacks.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from augment.parts import stable_key, write_parquet
+from data.io import UserError
+
+NN_SCHEMA = pa.schema([("word", pa.string()), ("neighbours", pa.list_(pa.string()))])
+
+
+def load_vectors(spec: str, limit: int = 0):
+    """gensim KeyedVectors from the shipped npy+parquet, or a user GloVe/word2vec text or .bin file.
+
+    `limit` keeps the first words only (0 = all).
+    """
+    from gensim.models import KeyedVectors
+
+    if spec == "shipped":
+        from data.assets import glove_paths
+
+        emb_path, index_path = glove_paths()
+        words = pq.read_table(index_path).column("index").to_pylist()
+        emb = np.load(emb_path, mmap_mode="r")
+        n = min(limit or len(words), len(words))
+        kv = KeyedVectors(vector_size=emb.shape[1])
+        kv.add_vectors([str(w) for w in words[:n]], np.asarray(emb[:n], dtype=np.float32))
+        return kv
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"tinybert.glove: {path} not found (give a GloVe/word2vec file or 'shipped')")
+    binary = path.suffix == ".bin"
+    try:
+        if binary:
+            kv = KeyedVectors.load_word2vec_format(str(path), binary=True, limit=limit or None)
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline().split()
+            has_header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec text vs GloVe text
+            kv = KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=not has_header,
+                                                   limit=limit or None, unicode_errors="replace")
+    except (ValueError, UnicodeDecodeError, EOFError) as e:
+        raise UserError(f"tinybert.glove: {path} is not a GloVe/word2vec file ({e})") from None
+    return kv
+
+
+def vectors_identity(spec: str, limit: int) -> str:
+    """Names the vectors without loading them, so a warm neighbour table needs no GloVe load."""
+    if spec == "shipped":
+        return f"glove-6B-50d:{limit or 'all'}"
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"tinybert.glove: {path} not found (give a GloVe/word2vec file or 'shipped')")
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
+    return f"{path.name}:{path.stat().st_size}:{head}:{limit or 'all'}"
+
+
+def neighbour_matrix(kv, queries: list[str], k: int, block: int = 1024) -> list[list[str]]:
+    """K nearest words by cosine for each query in the vectors (self excluded), best first."""
+    norms = np.linalg.norm(kv.vectors, axis=1)
+    normed = kv.vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    ids = np.array([kv.key_to_index[w] for w in queries], dtype=np.int64)
+    out: list[list[str]] = []
+    keys = kv.index_to_key
+    kk = min(k + 1, len(keys))
+    for s in range(0, len(ids), block):
+        q = ids[s : s + block]
+        sim = normed[q] @ normed.T
+        sim[np.arange(len(q)), q] = -np.inf
+        top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)[:, :k]
+        out.extend([keys[j] for j in row] for row in top)
+    return out
+
+
+class NeighbourTable:
+    """word -> K GloVe neighbours, persisted per (vectors, K) and grown on demand."""
+
+    def __init__(self, spec: str, limit: int, k: int, cache_dir: str | Path):
+        self.spec, self.limit, self.k, self.cache_dir = spec, limit, k, Path(cache_dir)
+        self._kv = None
+        self.identity = vectors_identity(spec, limit)
+        self.table: dict[str, list[str]] = {}
+
+    def _vectors(self):
+        if self._kv is None:
+            self._kv = load_vectors(self.spec, self.limit)
+        return self._kv
+
+    def path(self) -> Path:
+        return self.cache_dir / f"glove-nn-{stable_key(self.identity, self.k)}.parquet"
+
+    def ensure(self, words: set[str]) -> dict:
+        """Make sure every word has an entry ([] when the vectors lack it); returns counts."""
+        path = self.path()
+        if not self.table and path.is_file():
+            t = pq.read_table(path)
+            self.table = dict(zip(t.column("word").to_pylist(), t.column("neighbours").to_pylist()))
+        missing = sorted(w for w in words if w not in self.table)
+        kv = self._vectors() if missing else None
+        known = [w for w in missing if w in kv.key_to_index] if missing else []
+        for w, nn in zip(known, neighbour_matrix(kv, known, self.k) if known else []):
+            self.table[w] = nn
+        for w in missing:
+            self.table.setdefault(w, [])
+        if missing:
+            words_sorted = sorted(self.table)
+            write_parquet(pa.table({"word": words_sorted, "neighbours": [self.table[w] for w in words_sorted]},
+                                   schema=NN_SCHEMA), path)
+        return {"computed": len(known), "not_in_vectors": len(missing) - len(known), "cached": len(words) - len(missing)}
+
+    def get(self, word: str) -> list[str]:
+        return self.table.get(word, [])

@@ -1,0 +1,75 @@
+"""Student evaluation: accuracy / macro-F1 from cache rows, size, CPU latency, the result table."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.metrics import classification_metrics
+from trainer.loader import CacheStream, StreamConfig
+
+
+@torch.no_grad()
+def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, batch_size: int = 256) -> dict:
+    """Metrics on labelled rows of `sets`, plus agreement with the teacher's argmax."""
+    model.eval()
+    stream = CacheStream(cache_dir, sets, fields, StreamConfig(batch_size=batch_size, shuffle=False), encode=encode)
+    preds, labels, teacher = [], [], []
+    for batch in stream:
+        out = model(_to(batch, device))
+        preds.append(out.logits.argmax(-1).cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        teacher.append(batch["teacher_logits"].argmax(-1).numpy())
+    preds, labels, teacher = (np.concatenate(x) for x in (preds, labels, teacher))
+    keep = labels >= 0
+    metrics = classification_metrics(preds[keep], labels[keep], num_labels)
+    metrics["teacher_agreement"] = float(np.mean(preds == teacher))
+    metrics["teacher_accuracy"] = float(np.mean(teacher[keep] == labels[keep])) if keep.any() else float("nan")
+    return metrics
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model, texts: list[str], batch_size: int, repeats: int = 3) -> float:
+    """Milliseconds per sentence for raw text -> logits (tokenisation included), best of `repeats`."""
+    model = model.cpu().eval()
+    texts = (texts * (batch_size // max(1, len(texts)) + 1))[: max(batch_size, min(len(texts), 256))]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), batch_size):
+            model(model.encode_texts(texts[i : i + batch_size]))
+        best = min(best, (time.perf_counter() - t0) / len(texts))
+    return best * 1000
+
+
+COLUMNS = [("run", "run"), ("student", "student"), ("loss", "loss"), ("dev acc", "dev_accuracy"),
+           ("dev F1", "dev_macro_f1"), ("test acc", "test_accuracy"), ("test F1", "test_macro_f1"),
+           ("params", "params"), ("disk MB", "disk_mb"), ("ms/sent b1", "latency_b1_ms"),
+           ("ms/sent b64", "latency_b64_ms"), ("train s", "train_seconds")]
+
+
+def result_table(results: list[dict]) -> str:
+    """A Markdown table of the runs, one line each."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 1 else f"{v:.2f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    head = "| " + " | ".join(h for h, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = ["| " + " | ".join(fmt(r.get(k, "")) for _, k in COLUMNS) + " |" for r in results]
+    return "\n".join([head, sep, *lines])

@@ -1,0 +1,301 @@
+"""`python -m trainer.train`: train students from a teacher cache (the teacher is never loaded).
+
+One command trains every (student, loss) run of the config from the same cache and
+prints one comparison table. Each run keeps its best-on-dev student (safetensors +
+JSON), a resumable checkpoint, metrics.jsonl/metrics.csv and its resolved config.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.config import from_dict, parse_cli, save_config
+from data.io import UserError, atomic_write_text, run_cli
+from pipeline.cache_reader import TeacherCache
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.evaluate import _to, count_parameters, cpu_latency_ms, evaluate, result_table, size_on_disk
+from trainer.loader import CacheStream, StreamConfig
+from trainer.stages import Stage, stages_for
+
+
+@dataclass
+class RunSpec:
+    """One student trained with one loss (or a staged schedule)."""
+
+    student: str = "bilstm"
+    loss: str = "hinton"
+    name: str = ""  # default: <student>-<loss>
+    student_params: dict = field(default_factory=dict)  # fields of the student's config dataclass
+    loss_params: dict = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)  # empty: the loss's own schedule (one stage, or TinyBERT's two)
+    epochs: int = 0  # 0: TrainConfig.epochs
+    lr: float = 0.0  # 0: the student's default (1e-3 word students, 5e-5 small-BERT)
+
+
+@dataclass
+class TrainConfig:
+    cache: str = "work/cache/minilm-tweets"
+    cache2: str = ""  # a second teacher's cache of the same rows (Dynamic KD)
+    students: list[str] = field(default_factory=lambda: ["bilstm"])  # grid: students × losses
+    losses: list[str] = field(default_factory=lambda: ["hinton"])
+    runs: list[RunSpec] = field(default_factory=list)  # explicit runs (replace the grid)
+    train_sets: list[str] = field(default_factory=list)  # empty: train + every aug-* set
+    use_augmented: bool = True
+    dev_set: str = "dev"
+    test_set: str = "test"
+    epochs: int = 5
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    grad_clip: float = 5.0
+    patience: int = 3  # epochs without a better dev accuracy before stopping
+    seed: int = 0
+    embeddings: str = "glove50"  # word students: glove50 (shipped) or a GloVe/word2vec file
+    min_freq: int = 1
+    workers: int = 0  # DataLoader worker processes
+    verify: bool = True  # recompute shard checksums before training
+    device: str = "auto"
+    out_dir: str = "work/students"
+    resume: bool = True
+    log_every: int = 50
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: epoch ends only)
+    max_steps_per_epoch: int = 0  # 0 = whole epoch (benchmarks and tests cut it)
+    measure_latency: bool = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plan_runs(cfg: TrainConfig) -> list[RunSpec]:
+    runs = cfg.runs or [RunSpec(student=s, loss=l) for s in cfg.students for l in cfg.losses]
+    return [replace(r, name=r.name or f"{r.student}-{r.loss}") for r in runs]
+
+
+def train_sets(cfg: TrainConfig, cache: TeacherCache) -> list[str]:
+    if cfg.train_sets:
+        return cfg.train_sets
+    return ["train"] + ([s for s in cache.sets() if s.startswith("aug-")] if cfg.use_augmented else [])
+
+
+def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
+    """The student and the text encoder its batches need."""
+    from trainer.students import build_student
+    from trainer.vocab import Vocab, load_embeddings
+
+    params = dict(run.student_params)
+    params.setdefault("num_labels", cache.num_labels)
+    if run.student == "smallbert":
+        from trainer.students import SmallBertConfig
+
+        scfg = from_dict(SmallBertConfig, params, f"runs[{run.name}].student_params")
+        model = build_student("smallbert", scfg)
+        vocab_size = model.config.hf_config.get("vocab_size") if model.config.hf_config else None
+        max_id = max((max(ids) for ids in cache.row_table(sets, ["input_ids"]).column("input_ids").to_pylist()),
+                     default=0)
+        if vocab_size is not None and max_id >= vocab_size:
+            raise UserError(f"student {run.name}: its tokenizer has {vocab_size} ids but the cache holds id {max_id}: "
+                            "a small-BERT student must share the teacher's tokenizer")
+        return model, None
+    rows = cache.row_table(sets, ["text", "text_b"])
+    texts = rows.column("text").to_pylist() + [t for t in rows.column("text_b").to_pylist() if t]
+    vocab = Vocab.build(texts, min_freq=cfg.min_freq)
+    embeddings = load_embeddings(vocab, cfg.embeddings)
+    if isinstance(embeddings, tuple):
+        embeddings = embeddings[0]
+    from trainer.students import STUDENTS
+
+    config_cls = STUDENTS[run.student].config_class
+    scfg = from_dict(config_cls, params, f"runs[{run.name}].student_params")
+    model = build_student(run.student, scfg, vocab=vocab, embeddings=embeddings)
+    return model, model.encode_texts
+
+
+def _optimizer(model, lr: float, cfg: TrainConfig, total_steps: int):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    return opt, sched
+
+
+def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
+    from trainer.losses import get_loss, make_params
+    from trainer.students import save_student
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    cache = TeacherCache(cfg.cache)
+    sets = train_sets(cfg, cache)
+    stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
+    specs = [get_loss(st.loss) for st in stages]
+    is_bert = run.student == "smallbert"
+    fields = sorted(set().union(*(s.fields for s in specs)) | {"logits"} | ({"input_ids"} if is_bert else set()))
+    cache.check_fields(fields)
+    for spec in specs:
+        if spec.student_needs and not is_bert and "attention" in spec.student_needs:
+            raise UserError(f"loss {spec.name} needs student attention scores: use STUDENT=smallbert")
+        if spec.needs_second_teacher and not cfg.cache2:
+            raise UserError(f"loss {spec.name} needs a second teacher's cache: set cache2=<cache dir>")
+        labels = cache.row_table(["train"], ["label"]).column("label")
+        if spec.needs_labels and labels.null_count == len(labels):
+            raise UserError(f"loss {spec.name} needs gold labels, but the cache's train rows have none")
+    if cfg.verify:
+        cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)
+    device = _device(cfg.device)
+    model, encode = build(run, cfg, cache, sets)
+    model.to(device)
+    out = Path(cfg.out_dir) / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(run, out, "run.json")
+    eval_fields = ("logits", "input_ids") if is_bert else ("logits",)
+    history, best, t_start, global_step = [], None, time.time(), 0
+    log = open(out / "metrics.jsonl", "a")
+    for si, stage in enumerate(stages):
+        spec, params = specs[si], make_params(stage.loss, {**run.loss_params, **stage.loss_params})
+        want = frozenset(spec.student_needs)
+        stream = CacheStream(cfg.cache, sets, sorted(set(spec.fields) | set(eval_fields)),
+                             StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed + si), encode=encode,
+                             second_cache=cfg.cache2 or None,
+                             second_fields=("logits", "cls") if spec.needs_second_teacher else ("logits",))
+        steps = math.ceil(stream.num_rows / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        lr = stage.lr or (5e-5 if is_bert else 1e-3)
+        opt, sched = _optimizer(model, lr, cfg, steps * stage.epochs)
+        ckpt = out / f"checkpoint-stage{si}"
+        state = load_checkpoint(ckpt, model, opt, sched) if cfg.resume else None
+        start_epoch = state["epoch"] if state else 0
+        if state:
+            best, history, global_step = state["best"], state["history"], state["global_step"]
+            print(f"{run.name}: resuming stage {si + 1} at epoch {start_epoch + 1}, "
+                  f"{sum(state['stream'].values())} batches into it")
+        stale = 0
+        for epoch in range(start_epoch, stage.epochs):
+            stream.set_epoch(epoch)
+            if state and epoch == start_epoch:
+                stream.state.batches_done = {int(k): v for k, v in state["stream"].items()}
+            consumed = dict(stream.state.batches_done)
+            model.train()
+            loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers)
+            bar = tqdm(loader, total=steps, desc=f"{run.name} s{si + 1} e{epoch + 1}/{stage.epochs}", unit="batch",
+                       leave=False)
+            loss_sum, n = 0.0, 0
+            t0 = time.time()
+            for batch in bar:
+                if cfg.max_steps_per_epoch and sum(consumed.values()) >= cfg.max_steps_per_epoch:
+                    break
+                pos = batch.pop("stream")
+                batch = _to(batch, device)
+                out_s = model(batch, want)
+                loss, parts = spec.fn(out_s, batch, params, {"epoch": epoch, "step": global_step})
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                consumed[pos["consumer"]] = pos["batches_done"]
+                global_step += 1
+                loss_sum, n = loss_sum + loss.item(), n + 1
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, model, opt, sched, {"epoch": epoch, "stream": consumed, "best": best,
+                                                               "history": history, "global_step": global_step})
+                if global_step % cfg.log_every == 0:
+                    log.write(json.dumps({"run": run.name, "stage": si + 1, "epoch": epoch + 1, "step": global_step,
+                                          "loss": loss.item(), **{k: float(v) for k, v in parts.items()}}) + "\n")
+                    bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            epoch_seconds = time.time() - t0
+            dev = evaluate(model, cfg.cache, [cfg.dev_set], eval_fields, encode, cache.num_labels, device)
+            record = {"stage": si + 1, "epoch": epoch + 1, "train_loss": loss_sum / max(1, n),
+                      "epoch_seconds": round(epoch_seconds, 2), **{f"dev_{k}": v for k, v in dev.items()}}
+            history.append(record)
+            log.write(json.dumps({"run": run.name, **record}) + "\n")
+            log.flush()
+            print(f"{run.name} stage {si + 1} epoch {epoch + 1}: loss {record['train_loss']:.4f} "
+                  f"dev acc {dev['accuracy']:.4f} F1 {dev['macro_f1']:.4f} ({epoch_seconds:.1f} s)")
+            final_stage = si == len(stages) - 1
+            if final_stage and (best is None or dev["accuracy"] > best["dev_accuracy"]):
+                best, stale = {"stage": si + 1, "epoch": epoch + 1, "dev_accuracy": dev["accuracy"],
+                               "dev_macro_f1": dev["macro_f1"]}, 0
+                save_student(model, out / "best", cache.label_names)
+            elif final_stage:
+                stale += 1
+            save_checkpoint(ckpt, model, opt, sched, {"epoch": epoch + 1, "stream": {}, "best": best,
+                                                       "history": history, "global_step": global_step})
+            if final_stage and stale >= cfg.patience:
+                print(f"{run.name}: early stop, no better dev accuracy for {stale} epochs")
+                break
+    log.close()
+    _write_csv(out / "metrics.csv", history)
+    return finish_run(run, cfg, cache, out, best, time.time() - t_start, history, device)
+
+
+def _write_csv(path: Path, history: list[dict]) -> None:
+    keys = sorted({k for h in history for k in h})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def finish_run(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, out: Path, best, seconds, history, device) -> dict:
+    """Reload the best student as a user would and measure it on the test rows."""
+    from trainer.students import load_student
+
+    model = load_student(out / "best", device=str(device))
+    is_bert = run.student == "smallbert"
+    encode = None if is_bert else model.encode_texts
+    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if is_bert else ("logits",), encode,
+                    cache.num_labels, device)
+    result = {"run": run.name, "student": run.student, "loss": run.loss,
+              "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
+              "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+              "teacher_test_accuracy": test["teacher_accuracy"], "test_teacher_agreement": test["teacher_agreement"],
+              "params": count_parameters(model), "disk_mb": size_on_disk(out / "best") / 1e6,
+              "train_seconds": round(seconds, 1),
+              "epoch_seconds": round(float(np.mean([h["epoch_seconds"] for h in history])), 2) if history else None}
+    if cfg.measure_latency:
+        texts = cache.row_table([cfg.test_set], ["text"]).column("text").to_pylist()[:256]
+        result["latency_b1_ms"] = cpu_latency_ms(model, texts[:64], 1)
+        result["latency_b64_ms"] = cpu_latency_ms(model, texts, 64)
+    atomic_write_text(out / "result.json", json.dumps(result, indent=2))
+    return result
+
+
+def train_all(cfg: TrainConfig) -> list[dict]:
+    results = []
+    for run in plan_runs(cfg):
+        results.append(train_run(run, cfg))
+    out = Path(cfg.out_dir)
+    table = result_table(results)
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    save_config(cfg, out)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_cli(TrainConfig, argv)
+    results = train_all(cfg)
+    teacher = results[0].get("teacher_test_accuracy") if results else None
+    if teacher is not None:
+        print(f"teacher test accuracy (from the cache): {teacher:.4f}")
+    print(result_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
