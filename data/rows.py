@@ -88,7 +88,7 @@ def build_rows(
     seen: set[str] = set()
     out: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
     for i, rec in enumerate(records):
-        where = f"{file_name} row {i + 1}"
+        where = f"{file_name} line {rec['_line']}" if "_line" in rec else f"{file_name} row {i + 1}"
         text = rec.get("text")
         if not isinstance(text, str):
             quarantine.add(f"{where} field text", "missing text", text)

@@ -26,7 +26,9 @@ def _pick(rec: dict, columns: dict[str, str | None], where: str) -> dict:
 def _check_columns(present: list[str], columns: dict[str, str | None], where: str) -> None:
     for key, col in columns.items():
         if col is not None and col not in present:
-            raise UserError(f"{where}: column {col!r} (for {key}) not found; columns are {present}")
+            hint = " (wrong delimiter? set data.delimiter)" if len(present) == 1 and any(
+                c in present[0] for c in ";\t|,") else ""
+            raise UserError(f"{where}: column {col!r} (for {key}) not found; columns are {present}{hint}")
 
 
 def read_csv(path: Path, columns: dict, delimiter: str = ",", encoding: str = "utf-8") -> list[dict]:
@@ -58,14 +60,12 @@ def read_jsonl(path: Path, columns: dict, encoding: str = "utf-8") -> tuple[list
                 rec = json.loads(line.decode(encoding))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 bad.append((n, f"not valid JSON ({type(e).__name__})"))
-                records.append({"text": None})
                 continue
             if not isinstance(rec, dict):
                 bad.append((n, "not a JSON object"))
-                records.append({"text": None})
                 continue
-            records.append(_pick(rec, columns, str(path)))
-    if not records:
+            records.append({**_pick(rec, columns, str(path)), "_line": n})
+    if not records and not bad:
         raise UserError(f"{path}: empty file")
     present = set().union(*(r.keys() for r in records))
     missing = [c for k, c in columns.items() if c is not None and k not in present and k != "text"]
@@ -106,7 +106,10 @@ def read_hf_dataset(name_or_path: str, columns: dict) -> list[dict]:
             ds = datasets.load_dataset(name_or_path)
     except Exception as e:
         raise UserError(f"{name_or_path}: cannot load as a datasets folder or hub dataset ({e})") from None
-    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    is_dict = isinstance(ds, datasets.DatasetDict)
+    parts = ds.items() if is_dict else [(None, ds)]
+    if is_dict:  # the DatasetDict's split names stand in for a split column
+        columns = {k: v for k, v in columns.items() if k != "split"}
     records = []
     for split, part in parts:
         recs = _records_from_columns(part.to_dict(), columns, f"{name_or_path}[{split or 'all'}]")

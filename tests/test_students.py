@@ -101,11 +101,10 @@ def test_word_student_forward_backward(kind, pair, vocab, glove):
     assert s.embedding.weight.grad[0].abs().sum() == 0  # <pad> row stays fixed
 
 
-@pytest.mark.parametrize("kind", ["bilstm", "textcnn"])
-def test_word_student_padding_invariant(kind, vocab):
+@pytest.mark.parametrize("kind,cfg", [("bilstm", {"pooling": "last"}), ("bilstm", {"pooling": "max"}), ("textcnn", {})])
+def test_word_student_padding_invariant(kind, cfg, vocab):
     torch.manual_seed(0)
-    cfg = {"num_labels": 2, "pooling": "max"} if kind == "bilstm" else {"num_labels": 2}
-    s = build_student(kind, cfg, vocab=vocab, embeddings=torch.randn(len(vocab), 8)).eval()
+    s = build_student(kind, {"num_labels": 2, **cfg}, vocab=vocab, embeddings=torch.randn(len(vocab), 8)).eval()
     texts = ["fun", "a terrible boring film was great fun movie"]
     together = s(s.encode_texts(texts)).logits
     alone = torch.cat([s(s.encode_texts([t])).logits for t in texts])
@@ -140,6 +139,28 @@ def test_smallbert_copies_source_layers(layers, expect, minilm_sd):
             assert torch.equal(sd[f"bert.encoder.layer.{i}.{name}"], minilm_sd[f"encoder.layer.{src - 1}.{name}"])
     assert torch.equal(sd["bert.embeddings.word_embeddings.weight"], minilm_sd["embeddings.word_embeddings.weight"])
     assert s.model.classifier.out_features == 3 and s.projections is None
+
+
+def test_smallbert_from_finetuned_checkpoint(tmp_path):
+    """A saved *ForSequenceClassification teacher ("bert." prefix, pooler, head) as source."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    teacher = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3,
+                                                       num_attention_heads=4, intermediate_size=64, num_labels=5))
+    teacher.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    s = build_student("smallbert", {"source": str(tmp_path), "layers": [3, 1], "num_labels": 2})
+    t_sd, s_sd = teacher.state_dict(), s.model.state_dict()
+    assert torch.equal(s_sd["bert.encoder.layer.0.output.dense.weight"], t_sd["bert.encoder.layer.2.output.dense.weight"])
+    assert torch.equal(s_sd["bert.encoder.layer.1.output.dense.weight"], t_sd["bert.encoder.layer.0.output.dense.weight"])
+    assert torch.equal(s_sd["bert.pooler.dense.weight"], t_sd["bert.pooler.dense.weight"])
+    assert s.model.classifier.out_features == 2
+    s.check_tokenizer(tmp_path)
+    tok.add_tokens(["blorptastic"])
+    with pytest.raises(UserError, match="tokenizer"):
+        s.check_tokenizer(tok)
 
 
 def test_smallbert_capture_matches_hand_computation():

@@ -91,35 +91,27 @@ def train_sets(cfg: TrainConfig, cache: TeacherCache) -> list[str]:
 
 
 def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
-    """The student and the text encoder its batches need."""
+    """The student and the text encoder its batches need (None: it reads the cached input_ids)."""
     from trainer.students import build_student
     from trainer.vocab import Vocab, load_embeddings
 
-    params = dict(run.student_params)
-    params.setdefault("num_labels", cache.num_labels)
+    params = {"num_labels": cache.num_labels, **run.student_params}
     if run.student == "smallbert":
-        from trainer.students import SmallBertConfig
-
-        scfg = from_dict(SmallBertConfig, params, f"runs[{run.name}].student_params")
-        model = build_student("smallbert", scfg)
-        vocab_size = model.config.hf_config.get("vocab_size") if model.config.hf_config else None
+        model = build_student("smallbert", params)
+        vocab_size = model.config.hf_config.get("vocab_size")
         max_id = max((max(ids) for ids in cache.row_table(sets, ["input_ids"]).column("input_ids").to_pylist()),
                      default=0)
-        if vocab_size is not None and max_id >= vocab_size:
+        if max_id >= vocab_size:
             raise UserError(f"student {run.name}: its tokenizer has {vocab_size} ids but the cache holds id {max_id}: "
                             "a small-BERT student must share the teacher's tokenizer")
         return model, None
     rows = cache.row_table(sets, ["text", "text_b"])
-    texts = rows.column("text").to_pylist() + [t for t in rows.column("text_b").to_pylist() if t]
-    vocab = Vocab.build(texts, min_freq=cfg.min_freq)
-    embeddings = load_embeddings(vocab, cfg.embeddings)
-    if isinstance(embeddings, tuple):
-        embeddings = embeddings[0]
-    from trainer.students import STUDENTS
-
-    config_cls = STUDENTS[run.student].config_class
-    scfg = from_dict(config_cls, params, f"runs[{run.name}].student_params")
-    model = build_student(run.student, scfg, vocab=vocab, embeddings=embeddings)
+    texts_b = [t for t in rows.column("text_b").to_pylist() if t]
+    params.setdefault("pair", bool(texts_b))
+    vocab = Vocab.build(rows.column("text").to_pylist() + texts_b, min_freq=cfg.min_freq)
+    embeddings, missing = load_embeddings(vocab, cfg.embeddings)
+    print(f"{run.name}: vocabulary {len(vocab)} words, {missing} without a pretrained vector")
+    model = build_student(run.student, params, vocab=vocab, embeddings=torch.as_tensor(embeddings))
     return model, model.encode_texts
 
 

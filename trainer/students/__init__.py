@@ -97,6 +97,6 @@ def load_student(model_dir: str | os.PathLike, device: str = "cpu") -> nn.Module
     else:
         vocab = Vocab.load(d / VOCAB) if (d / VOCAB).is_file() else None
         model = cls.from_config(meta["config"], vocab=vocab, init_weights=False)
-    missing, unexpected = load_model(model, str(d / WEIGHTS), strict=True, device=device)
+    load_model(model, str(d / WEIGHTS), strict=True, device=device)
     model.label_names = meta.get("label_names")
     return model.to(device).eval()

@@ -186,6 +186,17 @@ class SmallBertStudent(nn.Module):
         # one source layer may feed two student layers (a list with repeats): copy tensors apart
         base.load_state_dict({k: v.clone() for k, v in mapped.items() if k in expected}, strict=False)
 
+    def check_tokenizer(self, teacher_tokenizer) -> None:
+        """UserError unless the teacher's tokenizer (object or folder) has this student's
+        vocabulary: cached input_ids are the teacher's WordPiece ids."""
+        if isinstance(teacher_tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(str(teacher_tokenizer))
+        if teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise UserError("the small-BERT student's tokenizer differs from the teacher's: build it "
+                            "with source=<the teacher folder> so cached token ids mean the same")
+
     # ---------------------------------------------------------------- inputs
     def encode_texts(self, texts, texts_b=None) -> dict:
         """Raw strings -> input_ids / attention_mask (/ token_type_ids), as the teacher would."""
