@@ -1,0 +1,107 @@
+"""The streaming loader: exactly-once per epoch across ranks × workers, seeded shuffles, resume."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data.io import UserError
+from pipeline.cache_reader import ShardReader, TeacherCache
+from trainer.loader import CacheStream, StreamConfig
+
+SETS = ["train", "dev", "test"]
+
+
+def _stream(cache_dir, rank=0, world=1, **kw):
+    cfg = StreamConfig(**{"batch_size": 8, "block_rows": 16, "window_blocks": 2, "seed": 3, **kw})
+    return CacheStream(cache_dir, SETS, ("logits",), cfg, rank=rank, world=world)
+
+
+def _ids(stream, epoch=0, workers=0):
+    stream.set_epoch(epoch)
+    out = []
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+        out += batch["row_id"]
+    return out
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_every_row_once_per_epoch_across_ranks_and_workers(tiny_cache, world, workers):
+    _, cache_dir = tiny_cache
+    want = TeacherCache(cache_dir).row_table(SETS, ["row_id"]).column("row_id").to_pylist()
+    got = []
+    for rank in range(world):
+        got += _ids(_stream(cache_dir, rank, world), workers=workers)
+    assert Counter(got) == Counter(want)
+
+
+def test_shuffle_differs_by_epoch_and_repeats_by_seed(tiny_cache):
+    _, cache_dir = tiny_cache
+    e0, e1 = _ids(_stream(cache_dir), 0), _ids(_stream(cache_dir), 1)
+    assert e0 != e1 and sorted(e0) == sorted(e1)
+    assert _ids(_stream(cache_dir), 1) == e1
+    assert _ids(_stream(cache_dir, seed=4), 1) != e1
+
+
+def test_length_buckets_pad_less(tiny_cache):
+    _, cache_dir = tiny_cache
+
+    def padding(stream):
+        total = 0
+        for b in stream:
+            m = b["teacher_mask"]
+            total += (~m).sum().item()
+        return total
+
+    assert padding(_stream(cache_dir, bucket_by_length=True)) < padding(_stream(cache_dir, bucket_by_length=False))
+
+
+def test_resume_continues_the_same_stream(tiny_cache):
+    _, cache_dir = tiny_cache
+    stream = _stream(cache_dir)
+    stream.set_epoch(2)
+    batches = [b["row_id"] for b in stream]
+    resumed = _stream(cache_dir)
+    resumed.set_epoch(2)
+    resumed.state.batches_done = {0: 5}
+    rest = [b["row_id"] for b in resumed]
+    assert len(batches) > 5 and rest == batches[5:]
+
+
+def test_unrequested_fields_are_not_read(tiny_cache, monkeypatch):
+    _, cache_dir = tiny_cache
+    opened = []
+    original = ShardReader._array
+
+    def spy(self, name):
+        opened.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(ShardReader, "_array", spy)
+    for _ in _stream(cache_dir):
+        pass
+    assert opened == []
+    stream = CacheStream(cache_dir, ["dev"], ("logits", "attention"), StreamConfig(batch_size=8))
+    batch = next(iter(stream))
+    assert set(opened) == {"attention"}
+    assert batch["teacher_attention"].shape[:3] == (8, 1, 12)
+    # padded keys are zero outside each row's valid block
+    L = batch["teacher_mask"].sum(1)
+    i = int(torch.argmin(L))
+    assert batch["teacher_attention"][i, :, :, L[i]:, :].abs().sum() == 0
+
+
+def test_missing_field_refused_before_training(tiny_cache, tmp_path):
+    run, cache_dir = tiny_cache
+    from pipeline.teacher_cache import build_cache
+    from tests.conftest import tiny_run_config
+
+    logits_only = tiny_run_config(tmp_path, **{"cache.hidden_layers": "none", "cache.attention_layers": "none",
+                                               "cache.store_values": False, "cache.cls_layers": "none",
+                                               "data.out_dir": run.data.out_dir,
+                                               "teacher.out_dir": run.teacher.out_dir})
+    summary = build_cache(logits_only)
+    with pytest.raises(UserError, match=r"has no \['attention'\]"):
+        CacheStream(summary["cache"], ["train"], ("logits", "attention"), StreamConfig())
