@@ -33,17 +33,20 @@ class TinyBertParams:
     p_t: float = 0.4  # replacement probability per candidate word
     mlm: str = "minilm-mlm"  # "minilm-mlm" (built offline, see augment/mlm.py) or any AutoModelForMaskedLM path / hub name
     mlm_dir: str = "work/mlm"  # where "minilm-mlm" is built once and reused
-    mlm_steps: int = 300  # head-training steps for minilm-mlm
-    mlm_batch: int = 32
-    mlm_lr: float = 1e-3
-    mlm_layers: int = 0  # 0 = all encoder layers; tests use 1
-    mlm_train_encoder: bool = False  # False: train the prediction head only
+    mlm_steps: int = 300  # minilm-mlm: head-training steps (encoder frozen)
+    mlm_texts: int = 2000  # minilm-mlm: train-split texts whose masked states train the head
+    mlm_batch: int = 256  # minilm-mlm: masked positions per step
+    mlm_lr: float = 3e-3
+    mlm_layers: int = 0  # minilm-mlm: 0 = all 6 encoder layers (tests use 1)
+    mlm_seed: int = 0  # minilm-mlm: its own seed, so a new augmentation seed reuses the same MLM
     batch: int = 256  # masked copies per MLM forward
     max_length: int = 512  # tokens of `[CLS] masked [SEP] original [SEP]`
     glove: str = "shipped"  # "shipped" (GloVe 6B 50d package) or a GloVe / word2vec text or .bin file
     glove_vocab: int = 100_000  # search the first V GloVe words (the reference reads 100,000); 0 = all
     skip_stopwords: bool = True  # the reference leaves stop words and non-alphabetic words alone
     drop_special: bool = True  # drop [UNK]/[CLS]/... from MLM candidates (the reference keeps them)
+    word_candidates: bool = True  # keep only alphabetic non-stop-word candidates (the reference keeps all but "##")
+    protect_twitter: bool = True  # leave words inside URLs, @mentions and #hashtags alone
     threads: int = 0  # torch threads; 0 = `workers`
 
 

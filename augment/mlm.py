@@ -41,44 +41,54 @@ def _mask_batch(ids, special, mask_id: int, vocab: int, gen):
     return ids, labels
 
 
-def train_head(model, tokenizer, texts: list[str], *, steps: int, batch: int, lr: float, train_encoder: bool,
-               seed: int, max_length: int = 128) -> list[float]:
-    """Fit the MLM head (and the encoder when asked) on `texts`; returns the loss curve."""
+def _masked_states(model, tokenizer, texts: list[str], gen, max_length: int = 128, batch: int = 64):
+    """Encoder states at masked positions (frozen encoder: computed once, reused every step)."""
+    import torch
+
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    special_ids = torch.tensor(tokenizer.all_special_ids)
+    states, labels = [], []
+    for s in range(0, len(texts), batch):
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in enc["input_ids"][s : s + batch]],
+                                              batch_first=True, padding_value=tokenizer.pad_token_id)
+        att = (ids != tokenizer.pad_token_id).long()
+        inp, lab = _mask_batch(ids, torch.isin(ids, special_ids), tokenizer.mask_token_id, model.config.vocab_size, gen)
+        with torch.inference_mode():
+            hidden = model.bert(input_ids=inp, attention_mask=att).last_hidden_state
+        sel = lab != -100
+        states.append(hidden[sel].clone())
+        labels.append(lab[sel])
+    return torch.cat(states), torch.cat(labels)
+
+
+def train_head(model, tokenizer, texts: list[str], *, steps: int, batch: int, lr: float, seed: int) -> list[float]:
+    """Fit the prediction head (transform + output bias) on a frozen encoder; returns the loss curve.
+
+    The decoder stays tied to the word embeddings. Masked states are computed once, so a
+    step costs one head forward/backward: the whole build takes a minute or two on CPU.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    seqs = [torch.tensor(x) for x in enc["input_ids"]]
-    head = model.cls
+    model.eval()
+    states, labels = _masked_states(model, tokenizer, texts, gen)
+    head = model.cls.predictions
     for p in model.parameters():
-        p.requires_grad_(train_encoder)
-    for p in head.predictions.transform.parameters():
+        p.requires_grad_(False)
+    params = [*head.transform.parameters(), head.bias]
+    for p in params:
         p.requires_grad_(True)
-    head.predictions.bias.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
     curve = []
-    for step in range(steps):
-        pick = torch.randint(len(seqs), (batch,), generator=gen).tolist()
-        ids = torch.nn.utils.rnn.pad_sequence([seqs[i] for i in pick], batch_first=True,
-                                              padding_value=tokenizer.pad_token_id)
-        att = (ids != tokenizer.pad_token_id).long()
-        special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
-        inp, labels = _mask_batch(ids, special, tokenizer.mask_token_id, model.config.vocab_size, gen)
-        if train_encoder:
-            hidden = model.bert(input_ids=inp, attention_mask=att).last_hidden_state
-        else:
-            with torch.no_grad():
-                hidden = model.bert(input_ids=inp, attention_mask=att).last_hidden_state
-        sel = labels != -100
-        logits = head(hidden[sel])
-        loss = torch.nn.functional.cross_entropy(logits, labels[sel])
+    for _ in range(steps):
+        idx = torch.randint(len(labels), (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model.cls(states[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(round(float(loss), 4))
-    model.eval()
+        curve.append(round(loss.item(), 4))
+    for p in model.parameters():
+        p.requires_grad_(False)
     return curve
 
 
@@ -95,8 +105,8 @@ def build_minilm_mlm(folder: Path, texts: list[str], meta: dict) -> None:
     model = BertForMaskedLM.from_pretrained(base, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base)
     t0 = time.perf_counter()
-    curve = train_head(model, tokenizer, texts, steps=meta["steps"], batch=meta["batch"], lr=meta["lr"],
-                       train_encoder=meta["train_encoder"], seed=meta["seed"])
+    curve = train_head(model, tokenizer, texts[: meta["texts"]], steps=meta["steps"], batch=meta["batch"],
+                       lr=meta["lr"], seed=meta["seed"])
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -107,13 +117,13 @@ def build_minilm_mlm(folder: Path, texts: list[str], meta: dict) -> None:
 
 
 def ensure_minilm_mlm(mlm_dir: str | Path, texts: list[str], corpus_fingerprint: str, *, steps: int, batch: int,
-                      lr: float, layers: int, train_encoder: bool, seed: int, log=print) -> Path:
+                      lr: float, layers: int, n_texts: int, seed: int, log=print) -> Path:
     """The minilm-mlm folder for this corpus and recipe: reused when its metadata matches."""
     from data.assets import minilm_path
 
     folder = Path(mlm_dir) / ("minilm-mlm" if not layers else f"minilm-mlm-l{layers}")
     meta = {"base": "all-MiniLM-L6-v2", "base_path": str(minilm_path()), "corpus_fingerprint": corpus_fingerprint,
-            "steps": steps, "batch": batch, "lr": lr, "layers": layers, "train_encoder": train_encoder, "seed": seed}
+            "steps": steps, "batch": batch, "lr": lr, "layers": layers, "texts": n_texts, "seed": seed}
     marker = folder / META
     if marker.is_file():
         old = json.loads(marker.read_text())
@@ -148,3 +158,86 @@ def load_mlm(name: str):
     path = Path(name)
     identity = f"{path.name}:{sha256_tree(path)[:16]}" if path.is_dir() else name
     return model, tokenizer, identity
+
+
+class BatchedMLM:
+    """Top-K MLM predictions for many (sentence, masked piece) items in few forwards.
+
+    Each item becomes `[CLS] pieces-with-[MASK] [SEP] pieces [SEP]` (the reference's
+    input; the tokenizer's own pair template for other models). Items are sorted by
+    length and padded per batch; only the masked position's hidden state goes through
+    the prediction head. Results do not depend on which items share a batch (padding is
+    masked out), up to float noise.
+    """
+
+    def __init__(self, model, tokenizer, *, batch: int = 256, max_length: int = 512, drop_special: bool = True):
+        self.model, self.tok, self.batch = model, tokenizer, batch
+        self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)
+        m = tokenizer.mask_token_id
+        enc = tokenizer(tokenizer.mask_token, tokenizer.mask_token, return_token_type_ids=True)
+        ids, types = enc["input_ids"], enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+        i1 = ids.index(m)
+        i2 = ids.index(m, i1 + 1)
+        self.prefix, self.middle, self.suffix = ids[:i1], ids[i1 + 1 : i2], ids[i2 + 1 :]
+        self.types = (types[:i1], types[i1], types[i1 + 1 : i2], types[i2], types[i2 + 1 :])
+        self.use_types = getattr(model.config, "type_vocab_size", 0) > 1
+        self.drop = set(tokenizer.all_special_ids) if drop_special else set()
+        self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+        self._strings: dict[int, str | None] = {}
+
+    def build(self, pieces: list[int], pos: int) -> tuple[list[int], list[int], int] | None:
+        """Input ids, token types and mask index for one item; None when the mask cannot fit."""
+        fixed = len(self.prefix) + len(self.middle) + len(self.suffix)
+        budget = self.max_length - fixed
+        a = list(pieces)
+        a[pos] = self.tok.mask_token_id
+        if len(a) > budget:
+            if pos >= budget:
+                return None
+            a = a[:budget]
+        b = list(pieces[: budget - len(a)])
+        pre_t, a_t, mid_t, b_t, suf_t = self.types
+        ids = self.prefix + a + self.middle + b + self.suffix
+        types = pre_t + [a_t] * len(a) + mid_t + [b_t] * len(b) + suf_t
+        return ids, types, len(self.prefix) + pos
+
+    def _string(self, i: int) -> str | None:
+        """A vocabulary entry as a word; None for subword continuations and dropped specials."""
+        if i not in self._strings:
+            tok = self.tok.convert_ids_to_tokens(i)
+            ok = i not in self.drop and not tok.startswith("##")  # the reference drops "##" pieces
+            self._strings[i] = self.tok.convert_tokens_to_string([tok]).strip() if ok else None
+        return self._strings[i]
+
+    def topk(self, items: list[tuple[list[int], int]], k: int) -> list[list[str] | None]:
+        """Per item: the words among the top-K predictions (best first), or None if it cannot fit."""
+        import torch
+
+        built = [self.build(p, i) for p, i in items]
+        out: list[list[str] | None] = [None] * len(items)
+        order = sorted((i for i, b in enumerate(built) if b is not None), key=lambda i: (len(built[i][0]), i))
+        pad = self.tok.pad_token_id or 0
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch):
+                group = order[s : s + self.batch]
+                width = max(len(built[i][0]) for i in group)
+                ids = torch.full((len(group), width), pad, dtype=torch.long)
+                types = torch.zeros((len(group), width), dtype=torch.long)
+                att = torch.zeros((len(group), width), dtype=torch.long)
+                for r, i in enumerate(group):
+                    x, t, _ = built[i]
+                    ids[r, : len(x)] = torch.tensor(x)
+                    types[r, : len(t)] = torch.tensor(t)
+                    att[r, : len(x)] = 1
+                pos = torch.tensor([built[i][2] for i in group])
+                kw = {"token_type_ids": types} if self.use_types else {}
+                rows = torch.arange(len(group))
+                if self.head is not None:
+                    hidden = self.model.base_model(input_ids=ids, attention_mask=att, **kw)[0]
+                    logits = self.head(hidden[rows, pos])
+                else:  # an MLM class without a known head attribute: full logits, then gather
+                    logits = self.model(input_ids=ids, attention_mask=att, **kw).logits[rows, pos]
+                top = torch.topk(logits.float(), k, dim=-1).indices.tolist()
+                for r, i in enumerate(group):
+                    out[i] = [w for w in (self._string(j) for j in top[r]) if w]
+        return out

@@ -159,20 +159,23 @@ def run_chunks(aug: Augmenter, rows: pa.Table, parts: Path, size: int, prefix: s
     return [counts[i] for i in range(n)]
 
 
-def combine(paths: list[Path], out: Path) -> int:
-    """Stream parts into one Parquet file (one row group per non-empty part), then rename."""
+def combine_tables(tables, out: Path) -> int:
+    """Stream tables into one Parquet file (one row group each, empty ones skipped), then rename."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     total = 0
-    with pq.ParquetWriter(tmp, ROW_SCHEMA, compression="zstd") as w:
-        for p in paths:
-            t = read_rows(p)
-            if t.num_rows:
-                w.write_table(t, row_group_size=max(t.num_rows, 1))
-                total += t.num_rows
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        with pq.ParquetWriter(tmp, ROW_SCHEMA, compression="zstd") as w:
+            for t in tables:
+                if t.num_rows:
+                    w.write_table(t.cast(ROW_SCHEMA), row_group_size=t.num_rows)
+                    total += t.num_rows
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(out.parent)
     return total
 
@@ -209,7 +212,7 @@ def run_method(aug: Augmenter, rows: pa.Table, *, out_dir: Path, params: dict, s
     prefix = provenance_prefix(aug.name, params, seed, identity)
     per_chunk = run_chunks(aug, rows, parts, chunk_rows, prefix, workers, progress)
     paths = [parts / f"part-{i:05d}.parquet" for i in range(len(per_chunk))]
-    combine(paths, out)
+    combine_tables((read_rows(p) for p in paths), out)
     summary = summarise(aug.name, run_key, per_chunk, {
         "params": params, "seed": seed, "identity": identity, "chunk_rows": chunk_rows,
         "output": str(out), "seconds": round(time.perf_counter() - t0, 3)})

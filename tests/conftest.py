@@ -45,3 +45,16 @@ def tiny_cache(tiny_workdir):
     run = tiny_run_config(tiny_workdir)
     summary = build_cache(run)
     return run, Path(summary["cache"])
+
+
+@pytest.fixture(scope="session")
+def student_cache(tmp_path_factory):
+    """A better teacher for training tests: MiniLM cut to 2 layers, 1,200 tweets, 3 epochs (~0.65 dev)."""
+    from pipeline.teacher_cache import build_cache
+
+    tmp = tmp_path_factory.mktemp("students")
+    run = tiny_run_config(tmp, **{"data.max_rows": 1200, "teacher.num_layers": 2, "teacher.epochs": 3,
+                                  "teacher.lr": 3e-4, "teacher.batch_size": 16, "cache.shard_rows": 256,
+                                  "cache.batch_size": 64})
+    summary = build_cache(run)
+    return run, Path(summary["cache"])

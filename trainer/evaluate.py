@@ -56,20 +56,18 @@ def cpu_latency_ms(model, texts: list[str], batch_size: int, repeats: int = 3) -
     return best * 1000
 
 
-COLUMNS = [("run", "run"), ("student", "student"), ("loss", "loss"), ("dev acc", "dev_accuracy"),
-           ("dev F1", "dev_macro_f1"), ("test acc", "test_accuracy"), ("test F1", "test_macro_f1"),
-           ("params", "params"), ("disk MB", "disk_mb"), ("ms/sent b1", "latency_b1_ms"),
-           ("ms/sent b64", "latency_b64_ms"), ("train s", "train_seconds")]
+COLUMNS = [("run", "run", "{}"), ("student", "student", "{}"), ("loss", "loss", "{}"),
+           ("dev acc", "dev_accuracy", "{:.4f}"), ("dev F1", "dev_macro_f1", "{:.4f}"),
+           ("test acc", "test_accuracy", "{:.4f}"), ("test F1", "test_macro_f1", "{:.4f}"),
+           ("params", "params", "{:,}"), ("disk MB", "disk_mb", "{:.2f}"), ("ms/sent b1", "latency_b1_ms", "{:.3f}"),
+           ("ms/sent b64", "latency_b64_ms", "{:.3f}"), ("s/epoch", "epoch_seconds", "{:.1f}"),
+           ("train s", "train_seconds", "{:.1f}")]
 
 
 def result_table(results: list[dict]) -> str:
     """A Markdown table of the runs, one line each."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if v < 1 else f"{v:.2f}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    head = "| " + " | ".join(h for h, _ in COLUMNS) + " |"
+    head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
     sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    lines = ["| " + " | ".join(fmt(r.get(k, "")) for _, k in COLUMNS) + " |" for r in results]
+    lines = ["| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "" for _, k, f in COLUMNS) + " |"
+             for r in results]
     return "\n".join([head, sep, *lines])

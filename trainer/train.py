@@ -51,6 +51,7 @@ class TrainConfig:
     runs: list[RunSpec] = field(default_factory=list)  # explicit runs (replace the grid)
     train_sets: list[str] = field(default_factory=list)  # empty: train + every aug-* set
     use_augmented: bool = True
+    label_budget: int = 0  # >0: keep gold labels of only this many train rows (few-labels regime)
     dev_set: str = "dev"
     test_set: str = "test"
     epochs: int = 5
@@ -137,16 +138,17 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
     is_bert = run.student == "smallbert"
     fields = sorted(set().union(*(s.fields for s in specs)) | {"logits"} | ({"input_ids"} if is_bert else set()))
     cache.check_fields(fields)
+    if cfg.verify:  # before anything reads a shard: damage is reported by name, never trained on
+        cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)
     for spec in specs:
-        if spec.student_needs and not is_bert and "attention" in spec.student_needs:
-            raise UserError(f"loss {spec.name} needs student attention scores: use STUDENT=smallbert")
+        if spec.token_level and not is_bert:
+            raise UserError(f"loss {spec.name} compares token positions with the teacher's: use STUDENT=smallbert "
+                            f"(word-level students see other tokens)")
         if spec.needs_second_teacher and not cfg.cache2:
             raise UserError(f"loss {spec.name} needs a second teacher's cache: set cache2=<cache dir>")
         labels = cache.row_table(["train"], ["label"]).column("label")
         if spec.needs_labels and labels.null_count == len(labels):
             raise UserError(f"loss {spec.name} needs gold labels, but the cache's train rows have none")
-    if cfg.verify:
-        cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)
     device = _device(cfg.device)
     model, encode = build(run, cfg, cache, sets)
     model.to(device)
@@ -155,9 +157,12 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
     save_config(run, out, "run.json")
     eval_fields = ("logits", "input_ids") if is_bert else ("logits",)
     history, best, t_start, global_step = [], None, time.time(), 0
+    gold = _gold_ids(cache, cfg.label_budget) if cfg.label_budget else None
     log = open(out / "metrics.jsonl", "a")
     for si, stage in enumerate(stages):
-        spec, params = specs[si], make_params(stage.loss, {**run.loss_params, **stage.loss_params})
+        # run.loss_params fill a one-stage run; staged runs take each stage's own params
+        spec = specs[si]
+        params = make_params(stage.loss, {**(run.loss_params if len(stages) == 1 else {}), **stage.params})
         want = frozenset(spec.student_needs)
         stream = CacheStream(cfg.cache, sets, sorted(set(spec.fields) | set(eval_fields)),
                              StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed + si), encode=encode,
@@ -191,6 +196,8 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
                 if cfg.max_steps_per_epoch and sum(consumed.values()) >= cfg.max_steps_per_epoch:
                     break
                 pos = batch.pop("stream")
+                if gold is not None:
+                    batch["labels"] = _mask_labels(batch, gold)
                 batch = _to(batch, device)
                 out_s = model(batch, want)
                 loss, parts = spec.fn(out_s, batch, params, {"epoch": epoch, "step": global_step})
@@ -233,6 +240,19 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
     log.close()
     _write_csv(out / "metrics.csv", history)
     return finish_run(run, cfg, cache, out, best, time.time() - t_start, history, device)
+
+
+def _gold_ids(cache: TeacherCache, budget: int) -> set[str]:
+    """The train rows whose gold label is kept: the first `budget` labelled rows by row id."""
+    rows = cache.row_table(["train"], ["row_id", "label"])
+    ids = sorted(r for r, y in zip(rows.column("row_id").to_pylist(), rows.column("label").to_pylist())
+                 if y is not None)
+    return set(ids[:budget])
+
+
+def _mask_labels(batch: dict, gold: set[str]) -> torch.Tensor:
+    keep = torch.tensor([rid in gold for rid in batch["row_id"]])
+    return torch.where(keep, batch["labels"], torch.full_like(batch["labels"], -100))
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:

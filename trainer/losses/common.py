@@ -142,12 +142,6 @@ def masked_sum_sq(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return ((a - b) ** 2 * m).sum()
 
 
-def masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Mean of (a−b)² over valid elements: mask (B, L[, L]) broadcast over trailing dims."""
-    per_pos = a[(0,) * mask.dim()].numel()
-    return masked_sum_sq(a, b, mask) / (mask.sum().clamp(min=1) * per_pos)
-
-
 def masked_log_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
     """log_softmax over the last axis with invalid keys removed; those entries are 0 (not −inf)."""
     return F.log_softmax(scores.masked_fill(~key_mask, float("-inf")), -1).masked_fill(~key_mask, 0.0)

@@ -65,6 +65,7 @@ class LossSpec:
     student_needs: frozenset  # `want` for the student forward
     needs_labels: bool  # reads batch["labels"] (-100 = no gold label)
     needs_second_teacher: bool  # reads batch["teacher2_logits"] (a second cache joined by row id)
+    token_level: bool = False  # compares token positions: the student must read the teacher's tokens
 
     def __call__(self, out, batch: dict, params: Any = None, state: dict | None = None):
         """Convenience: default params when none are given."""
@@ -75,7 +76,7 @@ LOSSES: Registry[LossSpec] = Registry("loss")
 
 
 def register(name: str, *, params: type, fields: tuple[str, ...] | list[str], student_needs=(),
-             needs_labels: bool = False, second_teacher: bool = False):
+             needs_labels: bool = False, second_teacher: bool = False, token_level: bool = False):
     """Decorator adding `fn` to the loss registry under `name`."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"loss {name!r}: params must be a dataclass type")
@@ -89,7 +90,7 @@ def register(name: str, *, params: type, fields: tuple[str, ...] | list[str], st
     def wrap(fn: Callable) -> Callable:
         LOSSES.add(name, LossSpec(name=name, fn=fn, params_cls=params, fields=tuple(fields),
                                   student_needs=frozenset(student_needs), needs_labels=needs_labels,
-                                  needs_second_teacher=second_teacher))
+                                  needs_second_teacher=second_teacher, token_level=token_level))
         return fn
 
     return wrap

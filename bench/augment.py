@@ -1,0 +1,251 @@
+"""Augmentation benchmark: the reference procedures vs ours, side by side on the same rows.
+
+(a) TinyBERT: a faithful re-implementation of the original data_augmentation.py loop (one
+    batch-1 MLM forward per single-piece word on `[CLS] masked [SEP] original [SEP]`,
+    full-vocabulary logits at every position, autograd on; one full GloVe-matrix search
+    per multi-piece word) vs our batched augmenter. Reports the fraction of identical
+    candidate lists and the speed ratio.
+(b) Tang: a reference-style per-sentence Python loop (as castorini/d-bert augment_data.py)
+    vs ours with 1 and 2 workers; input and output sentences per second, after tagging.
+
+`python bench/augment.py [tinybert_rows=200] [tang_rows=2000] [threads=1]`
+writes bench/results/augment.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from augment.config import TangParams, TinyBertParams  # noqa: E402
+from augment.parts import run_method  # noqa: E402
+from augment.tang import TangAugmenter  # noqa: E402
+from augment.tinybert import TinyBertAugmenter  # noqa: E402
+from data.io import atomic_write_text  # noqa: E402
+from data.prepare import load_split  # noqa: E402
+
+DATA = ROOT / "work" / "data" / "tweets"
+
+
+# ---------------------------------------------------------------- TinyBERT reference
+def reference_glove(spec_limit: int):
+    """The reference's prepare_embedding_retrieval: float64, row-normalised, first V words."""
+    import pyarrow.parquet as pq
+
+    from data.assets import glove_paths
+
+    emb_path, index_path = glove_paths()
+    words = pq.read_table(index_path).column("index").to_pylist()[:spec_limit]
+    emb = np.asarray(np.load(emb_path, mmap_mode="r")[:spec_limit], dtype=np.float64)
+    emb_norm = (emb.T / np.sum(emb**2, 1) ** 0.5).T
+    return emb_norm, {w: i for i, w in enumerate(words)}, words
+
+
+def reference_word_distance(word: str, glove, m: int) -> list[str]:
+    emb_norm, vocab, ids_to_tokens = glove
+    if word not in vocab:
+        return []
+    idx = vocab[word]
+    dist = np.dot(emb_norm, emb_norm[idx].T)
+    dist[idx] = -np.inf
+    cands = [ids_to_tokens[i] for i in np.argsort(-dist)[:m]]
+    return [w.title() for w in cands] if word.istitle() else cands
+
+
+def reference_mlm(model, tok, pieces: list[int], pos: int, m: int) -> list[str]:
+    """One forward per word, batch 1, full logits everywhere, autograd on (as the original)."""
+    import torch
+
+    cls, sep, mask = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
+    masked = list(pieces)
+    masked[pos] = mask
+    ids = [cls] + masked + [sep] + pieces + [sep]
+    segments = [0] * (len(pieces) + 2) + [1] * (len(pieces) + 1)
+    if pos + 1 >= 512:
+        return []
+    ids, segments = ids[:512], segments[:512]
+    predictions = model(torch.tensor([ids]), token_type_ids=torch.tensor([segments])).logits
+    top = torch.argsort(predictions[0, pos + 1], descending=True)[:m].tolist()
+    return [t for t in tok.convert_ids_to_tokens(top) if not t.startswith("##")]
+
+
+def reference_tinybert(aug: TinyBertAugmenter, texts: list[str], glove, p: TinyBertParams, seed: int):
+    """Candidates per (sentence, word) and the N-draw sampling loop, one word at a time."""
+    model, tok = aug.mlm.model, aug.mlm.tok
+    rnd = random.Random(seed)
+    cands_all, n_out = [], 0
+    for text in texts:
+        (words, ids), = aug.segment([text])
+        raw = [reference_mlm(model, tok, ids, w.pieces[0], p.k) if len(w.pieces) == 1
+               else reference_word_distance(w.norm, glove, p.k) for w in words]
+        cands_all.append(raw)
+        cands = [c or [text[w.start : w.end]] for c, w in zip(raw, words)]  # the reference's fallback
+        sents = [text]
+        for _ in range(p.n_samples):
+            new = [text[w.start : w.end] for w in words]
+            for i in range(len(words)):
+                c = rnd.choice(cands[i])
+                if rnd.random() < p.p_t:
+                    new[i] = c
+            s = " ".join(new)
+            if s not in sents:
+                sents.append(s)
+        n_out += len(sents) - 1
+    return cands_all, n_out
+
+
+def bench_tinybert(n_rows: int, threads: int, seed: int = 13) -> dict:
+    import torch
+
+    rows = load_split(DATA, "train").slice(0, n_rows)
+    texts = rows.column("text").to_pylist()
+    # Same word set and raw candidate lists on both sides: no filtering beyond the reference's.
+    p = TinyBertParams(word_candidates=False, drop_special=False, protect_twitter=False)
+    cache = Path(tempfile.mkdtemp(prefix="bench-glove-"))
+    aug = TinyBertAugmenter(p, seed, cache, DATA, workers=threads, log=lambda m: print(m, file=sys.stderr))
+    t0 = time.perf_counter()
+    ident = aug.prepare(rows)  # loads the MLM; computes the GloVe neighbour table (cold cache)
+    prepare_s = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+
+    t0 = time.perf_counter()
+    counts: Counter = Counter()
+    ours_cands = aug.candidates(texts, counts)
+    ours_cand_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = aug.process(rows, 0)
+    ours_s = time.perf_counter() - t0
+
+    glove = reference_glove(p.glove_vocab)
+    t0 = time.perf_counter()
+    ref_cands, ref_out = reference_tinybert(aug, texts, glove, p, seed)
+    ref_s = time.perf_counter() - t0
+    shutil.rmtree(cache, ignore_errors=True)
+
+    same = {"mlm": [0, 0], "glove": [0, 0]}
+    same_set = 0
+    for (words, ours_c), ref_c in zip(ours_cands, ref_cands):
+        for w, a, b in zip(words, ours_c, ref_c):
+            kind = "mlm" if len(w.pieces) == 1 else "glove"
+            same[kind][0] += a == b
+            same[kind][1] += 1
+            same_set += set(a) == set(b)
+    total = same["mlm"][1] + same["glove"][1]
+    return {
+        "rows": n_rows, "torch_threads": threads, "mlm": ident["mlm"], "glove": ident["glove"],
+        "candidate_words": {"mlm": same["mlm"][1], "glove": same["glove"][1]},
+        "identical_candidate_lists": round((same["mlm"][0] + same["glove"][0]) / max(total, 1), 4),
+        "identical_candidate_lists_mlm": round(same["mlm"][0] / max(same["mlm"][1], 1), 4),
+        "identical_candidate_lists_glove": round(same["glove"][0] / max(same["glove"][1], 1), 4),
+        "identical_candidate_sets": round(same_set / max(total, 1), 4),
+        "reference_seconds": round(ref_s, 2), "ours_seconds": round(ours_s, 2),
+        "ours_candidates_only_seconds": round(ours_cand_s, 2),
+        "ours_one_off_prepare_seconds": round(prepare_s, 2),
+        "speedup": round(ref_s / ours_s, 2),
+        "reference_rows_per_s": round(n_rows / ref_s, 2), "ours_rows_per_s": round(n_rows / ours_s, 2),
+        "reference_samples_out": ref_out, "ours_samples_out": len(ours.text),
+    }
+
+
+# ---------------------------------------------------------------- Tang reference
+def reference_tang(tokens: list[list[str]], tags: list[list[str]], p: TangParams, seed: int) -> int:
+    """The d-bert augment_data.py loop (tags given): list-based unigram, python RNG per word."""
+    random.seed(seed)
+    pos_dict = defaultdict(list)
+    dataset = set()
+    for words, tg in zip(tokens, tags):
+        for w, t in zip(words, tg):
+            pos_dict[t].append(w)
+        dataset.add(" ".join(words))
+    out = 0
+    for words, tg in zip(tokens, tags):
+        for _ in range(p.n_iter):
+            use_windowing = random.random() < p.p_ng
+            gen_words = []
+            for word, tag in zip(words, tg):
+                roll = random.random()
+                if roll < p.p_mask:
+                    word = "[MASK]"
+                elif roll < p.p_mask + p.p_pos:
+                    word = random.choice(pos_dict[tag])
+                gen_words.append(word)
+            if use_windowing:
+                n = random.choice(range(p.ng_min, p.ng_max + 1))
+                i = random.randrange(max(1, len(gen_words) - n + 1))
+                gen_words = gen_words[i : i + n]
+            s = " ".join(gen_words)
+            if s not in dataset:
+                dataset.add(s)
+                out += 1
+    return out
+
+
+def bench_tang(n_rows: int, seed: int = 13) -> dict:
+    rows = load_split(DATA, "train").slice(0, n_rows)
+    p = TangParams()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tang-"))
+    aug = TangAugmenter(p, seed, tmp / "cache")
+    t0 = time.perf_counter()
+    ident = aug.prepare(rows)
+    tag_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ref_out = reference_tang(aug.tokens, aug.tags, p, seed)
+    ref_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    core = aug.process(rows, 0)
+    core_s = time.perf_counter() - t0
+
+    result = {"rows": n_rows, "tagger": ident["tagger"], "tokenizer": ident["tokenizer"], "n_iter": p.n_iter,
+              "tagging_seconds_once": round(tag_s, 2),
+              "reference": {"seconds": round(ref_s, 3), "out": ref_out, "in_per_s": round(n_rows / ref_s),
+                            "out_per_s": round(ref_out / ref_s)},
+              "ours_core_1_worker": {"seconds": round(core_s, 3), "out": len(core.text),
+                                     "in_per_s": round(n_rows / core_s), "out_per_s": round(len(core.text) / core_s)}}
+    for workers in (1, 2):  # end to end: rows + provenance + Parquet parts + combine
+        aug_w = TangAugmenter(p, seed, tmp / "cache", workers)
+        aug_w.prepare(rows)
+        t0 = time.perf_counter()
+        s = run_method(aug_w, rows, out_dir=tmp / f"out{workers}", params={"n_iter": p.n_iter}, seed=seed,
+                       chunk_rows=max(1, n_rows // 8), workers=workers, progress=False)
+        dt = time.perf_counter() - t0
+        result[f"ours_to_parquet_{workers}_worker{'s' if workers > 1 else ''}"] = {
+            "seconds": round(dt, 3), "out": s["rows_out"], "in_per_s": round(n_rows / dt),
+            "out_per_s": round(s["rows_out"] / dt)}
+    same = (tmp / "out1" / "tang.parquet").read_bytes() == (tmp / "out2" / "tang.parquet").read_bytes()
+    result["workers_1_vs_2_identical_bytes"] = same
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = dict(a.split("=", 1) for a in argv)
+    tb_rows, tang_rows = int(args.get("tinybert_rows", 200)), int(args.get("tang_rows", 2000))
+    threads = int(args.get("threads", 1))
+    if not (DATA / "train.parquet").is_file():
+        print(f"error: {DATA}/train.parquet not found: run `python -m data.prepare max_rows=6000` first", file=sys.stderr)
+        return 2
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+               "tang": bench_tang(tang_rows), "tinybert": bench_tinybert(tb_rows, threads)}
+    out = ROOT / "bench" / "results" / "augment.json"
+    atomic_write_text(out, json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
