@@ -160,6 +160,18 @@ def load_mlm(name: str):
     return model, tokenizer, identity
 
 
+def _bert_layers(model):
+    """The encoder layers when they are plain BERT layers (absolute positions, no decoder)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", "") != "bert" or getattr(cfg, "is_decoder", False):
+        return None
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return None
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    need = ("attention", "intermediate", "output")
+    return layers if layers is not None and len(layers) >= 1 and all(hasattr(layers[-1], a) for a in need) else None
+
+
 class BatchedMLM:
     """Top-K MLM predictions for many (sentence, masked piece) items in few forwards.
 
@@ -183,6 +195,7 @@ class BatchedMLM:
         self.use_types = getattr(model.config, "type_vocab_size", 0) > 1
         self.drop = set(tokenizer.all_special_ids) if drop_special else set()
         self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+        self.bert_like = _bert_layers(model) is not None and self.head is not None
         self._strings: dict[int, str | None] = {}
 
     def build(self, pieces: list[int], pos: int) -> tuple[list[int], list[int], int] | None:
@@ -209,6 +222,36 @@ class BatchedMLM:
             self._strings[i] = self.tok.convert_tokens_to_string([tok]).strip() if ok else None
         return self._strings[i]
 
+    def masked_states(self, ids, att, pos, kw: dict):
+        """Final hidden states at the masked positions only (BERT-style encoders).
+
+        All layers but the last run as usual; the last needs keys/values of every token
+        but queries, attention output and feed-forward only at the mask: the same numbers
+        (up to float noise) for about 1/6 less work on a 6-layer encoder.
+        """
+        import torch
+
+        base = self.model.base_model
+        layers = base.encoder.layer
+        base.encoder.layer = layers[:-1]
+        try:
+            h = base(input_ids=ids, attention_mask=att, **kw)[0]
+        finally:
+            base.encoder.layer = layers
+        last, cfg = layers[-1], self.model.config
+        b, n, _ = h.shape
+        heads = cfg.num_attention_heads
+        dh = cfg.hidden_size // heads
+        sa = last.attention.self
+        x = h[torch.arange(b), pos]
+        q = sa.query(x).view(b, heads, 1, dh)
+        k = sa.key(h).view(b, n, heads, dh).transpose(1, 2)
+        v = sa.value(h).view(b, n, heads, dh).transpose(1, 2)
+        bias = (1.0 - att[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(b, heads * dh)
+        a = last.attention.output(ctx, x)
+        return last.output(last.intermediate(a), a)
+
     def topk(self, items: list[tuple[list[int], int]], k: int) -> list[list[str] | None]:
         """Per item: the words among the top-K predictions (best first), or None if it cannot fit."""
         import torch
@@ -232,7 +275,9 @@ class BatchedMLM:
                 pos = torch.tensor([built[i][2] for i in group])
                 kw = {"token_type_ids": types} if self.use_types else {}
                 rows = torch.arange(len(group))
-                if self.head is not None:
+                if self.bert_like:
+                    logits = self.head(self.masked_states(ids, att, pos, kw))
+                elif self.head is not None:
                     hidden = self.model.base_model(input_ids=ids, attention_mask=att, **kw)[0]
                     logits = self.head(hidden[rows, pos])
                 else:  # an MLM class without a known head attribute: full logits, then gather

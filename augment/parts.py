@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.io import atomic_write_bytes, atomic_write_text, fsync_dir
-from data.rows import ROW_SCHEMA, make_row_id, read_rows, write_rows
+from data.rows import ROW_SCHEMA, read_rows, write_rows
 
 
 @dataclass
@@ -82,6 +82,13 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def _row_ids(sources: list[str], texts: list[str]) -> list[str]:
+    """data.rows.make_row_id(source, text) in one hash update per row (tests check they agree)."""
+    sha1 = hashlib.sha1
+    return [sha1(f"{s}\x1f{t}\x1f\x1f".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            for s, t in zip(sources, texts)]
+
+
 def to_rows(chunk: pa.Table, s: Samples, method: str, prefix: str) -> pa.Table:
     """ROW_SCHEMA rows: no gold label is copied; text_b (pairs) is kept as is."""
     ids = chunk.column("row_id").to_pylist()
@@ -89,7 +96,7 @@ def to_rows(chunk: pa.Table, s: Samples, method: str, prefix: str) -> pa.Table:
     split = chunk.column("split").to_pylist()
     src = [ids[i] for i in s.src]
     return pa.Table.from_pydict({
-        "row_id": [make_row_id(r, t) for r, t in zip(src, s.text)],
+        "row_id": _row_ids(src, s.text),
         "text": s.text,
         "text_b": [text_b[i] for i in s.src],
         "label": pa.nulls(len(s.src), pa.int32()),

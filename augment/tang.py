@@ -56,18 +56,12 @@ class PosTable:
 
     def lookup(self, tokens: list[str], tags: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per token: (first cumulative slot of its tag, mass of the other words, own entry or -1)."""
-        base = np.zeros(len(tokens), np.int64)
-        avail = np.zeros(len(tokens), np.int64)
-        own = np.full(len(tokens), -1, np.int64)
-        for j, (w, t) in enumerate(zip(tokens, tags)):
-            tid = self.tag_ids.get(t)
-            if tid is None:
-                continue
-            base[j], avail[j] = self.tag_start[tid], self.tag_total[tid]
-            k = self.index.get((t, w))
-            if k is not None:
-                own[j] = k
-                avail[j] -= self.count[k]
+        tid = np.array([self.tag_ids.get(t, -1) for t in tags], dtype=np.int64)
+        own = np.array([self.index.get((t, w), -1) for w, t in zip(tokens, tags)], dtype=np.int64)
+        known = tid >= 0
+        base = np.where(known, self.tag_start[np.maximum(tid, 0)], 0) if len(self.tag_start) else tid * 0
+        total = np.where(known, self.tag_total[np.maximum(tid, 0)], 0) if len(self.tag_total) else tid * 0
+        avail = total - np.where(own >= 0, self.count[np.maximum(own, 0)] if len(self.count) else 0, 0)
         return base, avail, own
 
     def draw(self, u: np.ndarray, base: np.ndarray, avail: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -79,41 +73,77 @@ class PosTable:
         return np.searchsorted(self.cum, x, side="right")
 
 
-def sample_row(tokens: list[str], table: PosTable, lookup: tuple, p: TangParams,
-               rng: np.random.Generator) -> tuple[list[str], Counter]:
-    """n_iter candidate samples of one tokenised row (before duplicate removal).
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-    The random draws per row are fixed in number and order (X, U for every word, then
-    the n-gram coin, length and start per sample), so tests can replay them.
+
+def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """U[0,1) number `counter` of the SplitMix64 stream `seed`, for whole arrays at once.
+
+    Counter-based: any draw of any row is computed directly, so a chunk's draws are one
+    vectorised pass and still belong to each row alone (workers and chunking cannot
+    change them).
     """
-    n, w = p.n_iter, len(tokens)
-    x = rng.random((n, w))
-    u = rng.random((n, w))
-    ng_coin = rng.random(n)
-    ng_len = rng.integers(p.ng_min, p.ng_max + 1, size=n)
-    ng_start = rng.random(n)
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64) + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def sample_chunk(tokens: list[list[str]], table: PosTable, lookup: tuple, seeds: np.ndarray,
+                 p: TangParams) -> tuple[list[list[str]], Counter]:
+    """n_iter candidate samples for each (non-empty) tokenised row, before duplicate removal.
+
+    Draw layout per row (W words, n = n_iter): counter 2(iW+j) is X and 2(iW+j)+1 is U for
+    word j of sample i; counters 2nW+3i .. +2 are sample i's n-gram coin, length, start.
+    `lookup` is PosTable.lookup of all tokens, flattened in row order.
+    """
+    n = p.n_iter
+    lens = np.array([len(t) for t in tokens], dtype=np.int64)
+    rows = len(tokens)
+    tok_off = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    per_row = n * lens
+    e_off = np.concatenate([[0], np.cumsum(per_row)[:-1]]).astype(np.int64)
+    row = np.repeat(np.arange(rows), per_row)
+    e = np.arange(int(per_row.sum()), dtype=np.int64) - e_off[row]
+    tok = tok_off[row] + e % lens[row]
+    seed_e = seeds[row]
+    x = uniforms(seed_e, 2 * e)
     base, avail, own = lookup
     masked = x < p.p_mask
     pos = (x >= p.p_mask) & (x < p.p_mask + p.p_pos)
     notes: Counter = Counter()
-    no_alt = pos & (avail <= 0)[None, :]
+    no_alt = pos & (avail[tok] <= 0)
     if no_alt.any():  # untagged word or the only word of its tag: left as it is
         notes["pos_no_alternative"] += int(no_alt.sum())
         pos &= ~no_alt
-    out = np.broadcast_to(np.array(tokens, dtype=object), (n, w)).copy()
+    flat = np.empty(int(lens.sum()), dtype=object)
+    flat[:] = [w for t in tokens for w in t]
+    out = flat[tok]
     out[masked] = p.mask_token
     if pos.any():
-        r, c = np.nonzero(pos)
-        out[r, c] = table.words[table.draw(u[r, c], base[c], avail[c], own[c])]
-    texts = []
-    for i in range(n):
-        row = out[i]
-        if ng_coin[i] < p.p_ng:
-            k = min(int(ng_len[i]), w)
-            s = int(ng_start[i] * (w - k + 1))
-            row = row[s : s + k]
-        texts.append(" ".join(row.tolist()))
-    return texts, notes
+        t = tok[pos]
+        u = uniforms(seed_e[pos], 2 * e[pos] + 1)
+        out[pos] = table.words[table.draw(u, base[t], avail[t], own[t])]
+    srow = np.repeat(np.arange(rows), n)
+    i = np.arange(rows * n, dtype=np.int64) - n * srow
+    w = lens[srow]
+    c0 = 2 * n * w + 3 * i
+    coin = uniforms(seeds[srow], c0) < p.p_ng
+    k = np.minimum(p.ng_min + (uniforms(seeds[srow], c0 + 1) * (p.ng_max - p.ng_min + 1)).astype(np.int64), w)
+    st = (uniforms(seeds[srow], c0 + 2) * (w - k + 1)).astype(np.int64)
+    start = e_off[srow] + i * w + np.where(coin, st, 0)
+    end = start + np.where(coin, k, w)
+    words = out.tolist()
+    texts = [" ".join(words[a:b]) for a, b in zip(start.tolist(), end.tolist())]
+    return [texts[r * n : (r + 1) * n] for r in range(rows)], notes
+
+
+def sample_row(tokens: list[str], tags: list[str], table: PosTable, p: TangParams, seed: int) -> list[str]:
+    """The n_iter samples of one row (tests and examples)."""
+    got, _ = sample_chunk([tokens], table, table.lookup(tokens, tags), np.array([seed], dtype=np.uint64), p)
+    return got[0]
 
 
 class TangAugmenter:
@@ -151,26 +181,29 @@ class TangAugmenter:
             raise UserError("tang: prepare() must run before process()")
         out = Samples()
         ids = chunk.column("row_id").to_pylist()
-        for j, rid in enumerate(ids):
-            tokens, tags = self.tokens[start + j], self.tags[start + j]
-            if not tokens:
-                out.counts["skip:empty or whitespace-only text"] += 1
-                continue
-            if len(tokens) == 1:
-                out.counts["one_token_rows"] += 1
-            untagged = sum(1 for t in tags if not t)
-            if untagged:
-                out.counts["untagged_words"] += untagged
-            rng = np.random.default_rng(row_seed(self.seed, self.name, rid))
-            texts, notes = sample_row(tokens, self.table, self.table.lookup(tokens, tags), self.p, rng)
-            out.counts.update(notes)
-            seen = {" ".join(tokens)}
-            for i, text in enumerate(texts):
-                if text in seen:
-                    out.counts["duplicates"] += 1
-                    continue
-                seen.add(text)
-                out.add(j, text, i)
+        live = [j for j in range(len(ids)) if self.tokens[start + j]]
+        out.counts["skip:empty or whitespace-only text"] += len(ids) - len(live)
+        tokens = [self.tokens[start + j] for j in live]
+        tags = [self.tags[start + j] for j in live]
+        out.counts["one_token_rows"] += sum(1 for t in tokens if len(t) == 1)
+        out.counts["untagged_words"] += sum(1 for tg in tags for t in tg if not t)
+        if not live:
+            return out
+        flat_tokens = [w for t in tokens for w in t]
+        lookup = self.table.lookup(flat_tokens, [t for tg in tags for t in tg])
+        seeds = np.array([row_seed(self.seed, self.name, ids[j]) for j in live], dtype=np.uint64)
+        samples, notes = sample_chunk(tokens, self.table, lookup, seeds, self.p)
+        out.counts.update(notes)
+        dups = 0
+        for j, toks, texts in zip(live, tokens, samples):
+            seen = {" ".join(toks)}
+            keep = [i for i, text in enumerate(texts) if not (text in seen or seen.add(text))]  # first sight only
+            dups += len(texts) - len(keep)
+            out.src.extend([j] * len(keep))
+            out.text.extend([texts[i] for i in keep])
+            out.sample.extend(keep)
+        out.counts["duplicates"] += dups
+        out.counts = +out.counts  # drop zero entries
         return out
 
 

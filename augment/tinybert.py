@@ -83,6 +83,8 @@ class TinyBertAugmenter:
         quiet_transformers()
         torch.set_num_threads(self.threads)
         model, tok, mlm_id = load_mlm(self._model_name())
+        if self.p.mlm_dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
         self.mlm = BatchedMLM(model, tok, batch=self.p.batch, max_length=self.p.max_length,
                               drop_special=self.p.drop_special)
         glove_id = "none"

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from data.faults import crash_point
+
 
 class UserError(Exception):
     """Bad input or a refused operation: printed as one line, exit code 2."""
@@ -37,6 +39,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("atomic-write-before-rename")
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

@@ -164,6 +164,11 @@ def zarr_path(cache_dir: Path, shard: str) -> Path:
     return Path(cache_dir) / SHARD_DIR / f"{shard}.zarr"
 
 
+def record_path(cache_dir: Path, shard: str) -> Path:
+    """The shard's commit record (its ShardInfo as JSON): present = committed."""
+    return Path(cache_dir) / SHARD_DIR / f"{shard}.json"
+
+
 def chunk_positions(bytes_per_position: int, target_bytes: int = 4 << 20) -> int:
     """Positions per Zarr chunk so one chunk is about `target_bytes` (read whole chunks)."""
     return max(1024, target_bytes // max(1, bytes_per_position))

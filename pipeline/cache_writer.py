@@ -1,20 +1,24 @@
 """Write cache shards: buffer one shard's rows, then commit Arrow + Zarr atomically.
 
-A shard is written under temporary names, fsynced, renamed into place, and only then
-listed in the manifest (also replaced atomically). Anything on disk that the manifest
-does not list is an unfinished shard from an interrupted run and is removed on resume.
+A shard is written under temporary names, fsynced, renamed into place, then recorded
+(shards/<name>.json, atomically) and only then listed in the manifest (also replaced
+atomically). Shard files without a record are unfinished work of an interrupted run and
+are removed when their shard is written again.
 """
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from data.io import atomic_replace_dir, fsync_dir, sha256_file, sha256_tree
+from data.faults import crash_point
+from data.io import UserError, atomic_replace_dir, atomic_write_text, fsync_dir, sha256_file, sha256_tree
 from pipeline.cache_schema import (SHARD_DIR, FieldLayout, Manifest, ShardInfo, arrow_path, chunk_positions,
-                                   row_columns, zarr_path)
+                                   record_path, row_columns, zarr_path)
 
 TMP_SUFFIX = ".partial"
 
@@ -100,45 +104,77 @@ def _write_zarr(buf: ShardBuffer, path: Path, codec: str) -> None:
 
 
 class CacheWriter:
-    """Commits shards into a cache folder and keeps its manifest current."""
+    """Commits shards into a cache folder.
+
+    The commit point of a shard is its record `shards/<name>.json` (its ShardInfo), written
+    atomically after both data files are in place. The manifest is the merged list of
+    records; `merge_records` brings it up to date (after each shard in a single process,
+    under the cache lock at the end of each rank's work in a multi-rank run).
+    """
 
     def __init__(self, cache_dir: Path, manifest: Manifest):
         self.dir = Path(cache_dir)
         self.manifest = manifest
         (self.dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
-    def remove_unlisted(self) -> list[str]:
-        """Delete shard files the manifest does not list (left by an interrupted run)."""
+    def records(self) -> dict[str, ShardInfo]:
+        out = {}
+        for p in sorted((self.dir / SHARD_DIR).glob("*.json")):
+            try:
+                out[p.stem] = ShardInfo(**json.loads(p.read_text()))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise UserError(f"{p}: damaged shard record ({e}); delete it and its shard files, then re-run") from None
+        return out
+
+    def merge_records(self) -> int:
+        """List every committed shard in the manifest (plan order kept: set, then index)."""
         listed = {s.name for s in self.manifest.shards}
+        new = [r for name, r in self.records().items() if name not in listed]
+        for info in sorted(new, key=lambda r: r.name):
+            self.manifest.shards.append(info)
+            entry = self.manifest.sets.setdefault(info.set, {"rows": 0})
+            entry["rows"] = entry.get("rows", 0) + info.rows
+        if new:
+            self.manifest.save(self.dir)
+        return len(new)
+
+    def remove_unfinished(self, shards: set[str]) -> list[str]:
+        """Delete files of the given shards that have no record (left by an interrupted run)."""
+        recorded = set(self.records())
         removed = []
         for p in sorted((self.dir / SHARD_DIR).iterdir()):
             stem = p.name.split(".")[0]
-            if stem not in listed or p.name.endswith(TMP_SUFFIX):
+            if stem in shards and (stem not in recorded or p.name.endswith(TMP_SUFFIX)):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p.name)
         return removed
 
-    def commit(self, buf: ShardBuffer) -> ShardInfo:
-        """Write both files under temporary names, rename, then list the shard in the manifest."""
+    def commit(self, buf: ShardBuffer, merge: bool = True) -> ShardInfo:
+        """Write both files under temporary names, rename them, write the record, then merge."""
         layout = self.manifest.layout
         final_arrow, final_zarr = arrow_path(self.dir, buf.name), zarr_path(self.dir, buf.name)
         tmp_arrow = final_arrow.with_name(final_arrow.name + TMP_SUFFIX)
         tmp_zarr = final_zarr.with_name(final_zarr.name + TMP_SUFFIX)
         table = _arrow_table(buf, layout, len(self.manifest.label_names))
         _write_arrow(table, tmp_arrow)
+        crash_point("shard-arrow-written")
         has_zarr = bool(buf.hidden or buf.attention or buf.values)
+        zarr_sum = None
         if has_zarr:
             shutil.rmtree(tmp_zarr, ignore_errors=True)
             _write_zarr(buf, tmp_zarr, layout.zarr_codec)
             zarr_sum = sha256_tree(tmp_zarr)
+            crash_point("shard-zarr-written")
             atomic_replace_dir(tmp_zarr, final_zarr)
+        crash_point("shard-zarr-renamed")
         tmp_arrow.replace(final_arrow)
         fsync_dir(final_arrow.parent)
+        crash_point("shard-files-in-place")
         info = ShardInfo(name=buf.name, set=buf.set, rows=len(buf.rows),
                          tokens=int(sum(r["length"] for r in buf.rows)),
-                         arrow_sha256=sha256_file(final_arrow), zarr_sha256=zarr_sum if has_zarr else None)
-        self.manifest.shards.append(info)
-        entry = self.manifest.sets.setdefault(buf.set, {"rows": 0})
-        entry["rows"] = entry.get("rows", 0) + info.rows
-        self.manifest.save(self.dir)
+                         arrow_sha256=sha256_file(final_arrow), zarr_sha256=zarr_sum)
+        atomic_write_text(record_path(self.dir, buf.name), json.dumps(asdict(info)))
+        crash_point("shard-recorded")
+        if merge:
+            self.merge_records()
         return info

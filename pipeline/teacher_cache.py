@@ -9,6 +9,7 @@ arrays and commits shards while the next batches compute.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -24,7 +25,9 @@ from data.io import UserError, run_cli
 from data.prepare import load_meta, load_split, prepare
 from data.rows import read_rows, table_fingerprint
 from pipeline.attention_capture import AttentionCapture
-from pipeline.cache_schema import MANIFEST, FieldLayout, Manifest, TeacherInfo
+from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
+                                 save_plan)
+from pipeline.cache_schema import MANIFEST, FieldLayout, Manifest, TeacherInfo, arrow_path
 from pipeline.cache_writer import CacheWriter, ShardBuffer
 from pipeline.run_config import RunConfig, evenly_spaced, parse_layers
 from pipeline.teacher import finetune, is_finetuned, load_classifier, pick_device
@@ -98,22 +101,40 @@ def gather_sets(run: RunConfig, data_dir: Path) -> list[tuple[str, pa.Table]]:
     return sets
 
 
-def plan_shards(manifest: Manifest, cache_dir: Path, set_name: str, table: pa.Table, shard_rows: int):
-    """Shards still to write for one set: (name, rows-table) pairs, deterministic across resumes."""
-    writer_shards = [s for s in manifest.shards if s.set == set_name]
-    done: set[str] = set()
-    for s in writer_shards:
-        ids = pa.ipc.open_file(pa.memory_map(str(cache_dir / "shards" / f"{s.name}.arrow"))).read_all()
-        done.update(ids.column("row_id").to_pylist())
-    ids = table.column("row_id").to_pylist()
-    stale = done - set(ids)
-    if stale:
-        raise UserError(f"cache set {set_name!r} holds {len(stale)} row(s) not in the input (e.g. {min(stale)}): "
-                        "the data changed since the cache was built; use another cache.name")
-    pending = table.filter(pa.array([i not in done for i in ids])).sort_by("row_id")
-    start = len(writer_shards)
-    return [(f"{set_name}-{start + k:05d}", pending.slice(off, shard_rows))
-            for k, off in enumerate(range(0, pending.num_rows, shard_rows))]
+def cached_ids(cache_dir: Path, manifest: Manifest) -> dict[str, set[str]]:
+    """Row ids each set already holds, read from the shards' memory-mapped id columns."""
+    done: dict[str, set[str]] = {}
+    for s in manifest.shards:
+        table = pa.ipc.open_file(pa.memory_map(str(arrow_path(cache_dir, s.name)))).read_all()
+        done.setdefault(s.set, set()).update(table.column("row_id").to_pylist())
+    return done
+
+
+def current_plan(writer: CacheWriter, sets: list[tuple[str, pa.Table]], shard_rows: int) -> pa.Table:
+    """Under the cache lock: merge committed shards, then the saved plan while it is unfinished,
+    else a new plan of the rows no shard holds yet."""
+    cache_dir = writer.dir
+    with cache_lock(cache_dir):
+        writer.manifest = Manifest.load(cache_dir)  # other ranks may have merged since
+        writer.merge_records()
+        plan = load_plan(cache_dir)
+        if plan is not None and not set(plan_shards(plan)) <= set(writer.records()):
+            return plan
+        clear_plan(cache_dir)
+        done = cached_ids(cache_dir, writer.manifest)
+        for set_name, table in sets:
+            stale = done.get(set_name, set()) - set(table.column("row_id").to_pylist())
+            if stale:
+                raise UserError(f"cache set {set_name!r} holds {len(stale)} row(s) not in the input "
+                                f"(e.g. {min(stale)}): the data changed since the cache was built; use another "
+                                "cache.name")
+        next_index = {}
+        for info in writer.manifest.shards:
+            next_index[info.set] = max(next_index.get(info.set, 0), int(info.name.rsplit("-", 1)[1]) + 1)
+        plan = make_plan(sets, done, next_index, shard_rows)
+        if plan.num_rows:
+            save_plan(cache_dir, plan)
+        return plan
 
 
 class TeacherRunner:
@@ -189,9 +210,9 @@ def _split_batch(buf: ShardBuffer, rows: list[dict], out: dict) -> None:
 class WriterThread(threading.Thread):
     """Consumes (buffer, rows, outputs) and ('commit', buffer) items; errors surface on join."""
 
-    def __init__(self, writer: CacheWriter, maxsize: int, on_commit):
+    def __init__(self, writer: CacheWriter, maxsize: int, merge: bool):
         super().__init__(daemon=True)
-        self.writer, self.q, self.on_commit, self.error = writer, queue.Queue(maxsize), on_commit, None
+        self.writer, self.q, self.merge, self.error = writer, queue.Queue(maxsize), merge, None
 
     def run(self) -> None:
         while (item := self.q.get()) is not None:
@@ -199,7 +220,7 @@ class WriterThread(threading.Thread):
                 continue
             try:
                 if item[0] == "commit":
-                    self.on_commit(self.writer.commit(item[1]))
+                    self.writer.commit(item[1], merge=self.merge)
                 else:
                     _split_batch(*item)
             except BaseException as e:  # surfaced in the main thread
@@ -217,7 +238,25 @@ class WriterThread(threading.Thread):
             raise self.error
 
 
+def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWriter:
+    """Create the cache (manifest first) or check that an existing one may be extended."""
+    layout = resolve_layout(run.cache, model.config.num_hidden_layers)
+    new = Manifest(teacher=teacher_info(teacher_dir, model), layout=layout, max_length=run.teacher.max_length,
+                   label_names=meta["label_names"], data_name=meta["name"])
+    cache_dir = Path(run.cache.root) / (run.cache.name or teacher_dir.name)
+    with cache_lock(cache_dir):
+        if (cache_dir / MANIFEST).is_file():
+            manifest = Manifest.load(cache_dir)
+            check_compatible(manifest, new, cache_dir)
+        else:
+            manifest = new
+            manifest.save(cache_dir)
+    return CacheWriter(cache_dir, manifest)
+
+
 def build_cache(run: RunConfig) -> dict:
+    """Cache every row of the chosen sets not cached yet; this process's share under torchrun."""
+    rank, world = rank_and_world(run.cache.rank, run.cache.world_size)
     data_dir = Path(run.data.out_dir)
     if not (data_dir / "meta.json").is_file():
         prepare(run.data)
@@ -227,51 +266,59 @@ def build_cache(run: RunConfig) -> dict:
         print(f"no fine-tuned teacher in {teacher_dir}: fine-tuning {run.teacher.checkpoint} first")
         finetune(run.teacher, str(data_dir))
     device = pick_device(run.cache.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     model, tokenizer = load_classifier(str(teacher_dir), len(meta["label_names"]))
     model.to(device).eval()
-    layout = resolve_layout(run.cache, model.config.num_hidden_layers)
-    new = Manifest(teacher=teacher_info(teacher_dir, model), layout=layout, max_length=run.teacher.max_length,
-                   label_names=meta["label_names"], data_name=meta["name"])
-    cache_dir = Path(run.cache.root) / (run.cache.name or teacher_dir.name)
-    if (cache_dir / MANIFEST).is_file():
-        manifest = Manifest.load(cache_dir)
-        check_compatible(manifest, new, cache_dir)
-    else:
-        manifest = new
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        manifest.save(cache_dir)
-    writer = CacheWriter(cache_dir, manifest)
-    removed = writer.remove_unlisted()
-    if removed:
-        print(f"resuming: removed {len(removed)} unfinished shard file(s) of an interrupted run")
+    writer = open_cache(run, model, teacher_dir, meta)
     sets = gather_sets(run, data_dir)
-    plan, summary = [], {"cache": str(cache_dir), "sets": {}}
-    for set_name, table in sets:
-        shards = plan_shards(manifest, cache_dir, set_name, table, run.cache.shard_rows)
-        todo = sum(t.num_rows for _, t in shards)
-        summary["sets"][set_name] = {"rows_in": table.num_rows, "already_cached": table.num_rows - todo,
-                                     "written": todo}
-        manifest.sets.setdefault(set_name, {"rows": 0})["fingerprint"] = table_fingerprint(table)
-        plan += [(set_name, name, t) for name, t in shards]
-    manifest.save(cache_dir)
-    runner = TeacherRunner(model, tokenizer, layout, run.teacher.max_length, device, run.cache.bf16)
-    total = sum(t.num_rows for _, _, t in plan)
-    bar = tqdm(total=total, desc=f"caching {cache_dir.name}", unit="row", smoothing=0.1)
-    thread = WriterThread(writer, run.cache.writer_queue, on_commit=lambda info: None)
-    thread.start()
-    t0, truncated = time.time(), 0
-    try:
-        for set_name, shard_name, table in plan:
-            truncated += run_shard(runner, thread, set_name, shard_name, table, run.cache.batch_size, bar)
-    finally:
-        thread.finish()
-        bar.close()
+    tables = {name: t for name, t in sets}
+    before = {k: len(v) for k, v in cached_ids(writer.dir, Manifest.load(writer.dir)).items()}
+    runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16)
+    bar = tqdm(desc=f"caching {writer.dir.name}" + (f" rank {rank}/{world}" if world > 1 else ""), unit="row",
+               smoothing=0.1)
+    t0, truncated, written, removed = time.time(), 0, 0, 0
+    while True:
+        plan = current_plan(writer, sets, run.cache.shard_rows)
+        recorded = set(writer.records())
+        mine = [n for i, n in enumerate(plan_shards(plan)) if i % world == rank and n not in recorded]
+        if not mine:
+            break
+        removed += len(writer.remove_unfinished(set(mine)))
+        bar.total = (bar.total or 0) + sum(len(rows_of(plan, n)) for n in mine)
+        thread = WriterThread(writer, run.cache.writer_queue, merge=world == 1)
+        thread.start()
+        try:
+            for name in mine:
+                set_name = name.rsplit("-", 1)[0]
+                table = _take(tables[set_name], rows_of(plan, name))
+                truncated += run_shard(runner, thread, set_name, name, table, run.cache.batch_size, bar)
+                written += table.num_rows
+        finally:
+            thread.finish()
+    bar.close()
     seconds = time.time() - t0
-    summary.update(rows_written=total, truncated=truncated, seconds=round(seconds, 2),
-                   rows_per_s=round(total / seconds, 1) if total else None, shards=len(manifest.shards),
-                   rows_in_cache=sum(s.rows for s in manifest.shards))
-    save_config(run, cache_dir, "run_config.json")
-    return summary
+    with cache_lock(writer.dir):
+        writer.manifest = Manifest.load(writer.dir)
+        writer.merge_records()
+        for set_name, table in sets:
+            writer.manifest.sets.setdefault(set_name, {"rows": 0})["fingerprint"] = table_fingerprint(table)
+        writer.manifest.save(writer.dir)
+    if removed:
+        print(f"resumed: removed {removed} unfinished shard file(s) of an interrupted run")
+    manifest = writer.manifest
+    save_config(run, writer.dir, "run_config.json")
+    return {"cache": str(writer.dir), "rank": rank, "world_size": world,
+            "sets": {n: {"rows_in": t.num_rows, "already_cached": before.get(n, 0),
+                         "cached_now": manifest.sets.get(n, {}).get("rows", 0)} for n, t in sets},
+            "rows_written": written, "truncated": truncated, "seconds": round(seconds, 2),
+            "rows_per_s": round(written / seconds, 1) if written else None, "shards": len(manifest.shards),
+            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": load_plan(writer.dir) is not None}
+
+
+def _take(table: pa.Table, row_ids: list[str]) -> pa.Table:
+    index = {rid: i for i, rid in enumerate(table.column("row_id").to_pylist())}
+    return table.take(pa.array([index[r] for r in row_ids], pa.int64()))
 
 
 def run_shard(runner: TeacherRunner, thread: WriterThread, set_name: str, shard_name: str, table: pa.Table,
@@ -297,9 +344,12 @@ def main(argv: list[str]) -> int:
     run = parse_cli(RunConfig, argv)
     s = build_cache(run)
     for name, c in s["sets"].items():
-        print(f"  {name:>14}: {c['rows_in']} rows in, {c['already_cached']} already cached, {c['written']} written")
-    print(f"cache {s['cache']}: {s['rows_in_cache']} rows in {s['shards']} shards; wrote {s['rows_written']} rows "
-          f"({s['truncated']} truncated to max_length) in {s['seconds']} s, {s['rows_per_s']} rows/s")
+        print(f"  {name:>14}: {c['rows_in']} rows in, {c['already_cached']} were cached before, "
+              f"{c['cached_now']} cached now")
+    who = f" (rank {s['rank']} of {s['world_size']})" if s["world_size"] > 1 else ""
+    print(f"cache {s['cache']}: {s['rows_in_cache']} rows in {s['shards']} shards; wrote {s['rows_written']} rows{who} "
+          f"({s['truncated']} truncated to max_length) in {s['seconds']} s, {s['rows_per_s']} rows/s"
+          + ("; other ranks still have shards to write" if s["plan_pending"] else ""))
     return 0
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from augment.config import AugmentConfig, TangParams
-from augment.tang import PosTable, TangAugmenter, sample_row
+from augment.tang import PosTable, TangAugmenter, sample_row, uniforms
 from augment.tagging import make_tagger, make_tokenizer, tag_rows
 from data.config import ConfigError
 from data.rows import ROW_SCHEMA
@@ -29,20 +29,18 @@ def tagged():
     return tokens, tags, PosTable(tokens, tags)
 
 
-def draws(seed: int, n: int, w: int, p: TangParams):
-    """Replay the documented draw order of sample_row."""
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, w))
-    rng.random((n, w))
-    return x
+def draws(seed: int, n: int, w: int) -> np.ndarray:
+    """Replay X of the documented draw layout: counter 2(iW+j) for word j of sample i."""
+    e = np.arange(n * w, dtype=np.uint64)
+    return uniforms(np.full(n * w, seed, dtype=np.uint64), 2 * e).reshape(n, w)
 
 
 def test_rules_are_exclusive_per_word_and_pos_keeps_the_tag(tagged):
     tokens, tags, table = tagged
     p = TangParams(p_mask=0.3, p_pos=0.3, p_ng=0.0, n_iter=200)
     tok, tg = tokens[2], tags[2]
-    texts, _ = sample_row(tok, table, table.lookup(tok, tg), p, np.random.default_rng(5))
-    x = draws(5, p.n_iter, len(tok), p)
+    texts = sample_row(tok, tg, table, p, seed=5)
+    x = draws(5, p.n_iter, len(tok))
     n_mask = n_pos = 0
     for i, text in enumerate(texts):
         out = text.split(" ")
@@ -66,7 +64,7 @@ def test_ngram_length_bounds_and_contiguity(tagged):
     tokens, tags, table = tagged
     p = TangParams(p_mask=0.0, p_pos=0.0, p_ng=1.0, n_iter=300)
     tok, tg = tokens[5], tags[5]
-    texts, _ = sample_row(tok, table, table.lookup(tok, tg), p, np.random.default_rng(1))
+    texts = sample_row(tok, tg, table, p, seed=1)
     lengths = Counter()
     joined = " " + " ".join(tok) + " "
     for t in texts:
@@ -76,7 +74,7 @@ def test_ngram_length_bounds_and_contiguity(tagged):
         lengths[n] += 1
     assert set(lengths) == {1, 2, 3, 4, 5}
     short = ["just", "two"]
-    texts, _ = sample_row(short, table, table.lookup(short, ["RB", "CD"]), p, np.random.default_rng(2))
+    texts = sample_row(short, ["RB", "CD"], table, p, seed=2)
     assert all(1 <= len(t.split(" ")) <= 2 for t in texts)
 
 
@@ -84,7 +82,7 @@ def test_replacement_frequencies_within_statistical_bounds(tagged):
     tokens, tags, table = tagged
     p = TangParams(n_iter=4000, p_ng=0.0)  # paper defaults p_mask = p_pos = 0.1
     tok, tg = tokens[0], tags[0]
-    texts, _ = sample_row(tok, table, table.lookup(tok, tg), p, np.random.default_rng(11))
+    texts = sample_row(tok, tg, table, p, seed=11)
     masked = sum(t.split(" ").count("[MASK]") for t in texts)
     draws_total = p.n_iter * len(tok)
     sigma = (0.1 * 0.9 / draws_total) ** 0.5
@@ -100,6 +98,16 @@ def test_replacement_frequencies_within_statistical_bounds(tagged):
     for w, c in dt.items():
         q = c / total
         assert abs(got[w] / n - q) < 5 * (q * (1 - q) / n) ** 0.5 + 1e-9
+
+
+def test_uniforms_are_uniform_and_row_local():
+    u = uniforms(np.full(200_000, 12345, dtype=np.uint64), np.arange(200_000, dtype=np.uint64))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    hist = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(hist - 20_000) < 5 * 20_000**0.5)
+    other = uniforms(np.full(1000, 12346, dtype=np.uint64), np.arange(1000, dtype=np.uint64))
+    assert abs(np.corrcoef(u[:1000], other)[0, 1]) < 0.15
 
 
 def test_pos_table_draws_the_unigram_distribution_exactly():

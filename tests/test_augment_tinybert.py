@@ -149,3 +149,30 @@ def test_union_of_both_methods(env, tmp_path):
     assert len(set(union.column("row_id").to_pylist())) == union.num_rows
     prov = json.loads(tiny.column("provenance")[0].as_py())
     assert prov["mlm"] == env["ident"]["mlm"] and prov["glove"].startswith("glove-6B-50d")
+
+
+def test_last_layer_at_the_mask_only_equals_the_full_forward(env):
+    import torch
+
+    mlm = env["aug"].mlm
+    assert mlm.bert_like
+    items = [(ids, w.pieces[0]) for words, ids in env["aug"].segment(TEXTS[:3]) for w in words if len(w.pieces) == 1]
+    fast = mlm.topk(items, 15)
+    mlm.bert_like = False
+    try:
+        full = mlm.topk(items, 15)
+        built = [mlm.build(*it) for it in items[:4]]
+        width = max(len(b[0]) for b in built)
+        ids = torch.zeros((4, width), dtype=torch.long)
+        att = torch.zeros_like(ids)
+        types = torch.zeros_like(ids)
+        for r, (x, t, _) in enumerate(built):
+            ids[r, : len(x)], types[r, : len(t)], att[r, : len(x)] = torch.tensor(x), torch.tensor(t), 1
+        pos = torch.tensor([b[2] for b in built])
+        with torch.inference_mode():
+            a = mlm.masked_states(ids, att, pos, {"token_type_ids": types})
+            b = mlm.model.base_model(input_ids=ids, attention_mask=att, token_type_ids=types)[0][torch.arange(4), pos]
+        assert torch.allclose(a, b, atol=1e-4)
+    finally:
+        mlm.bert_like = True
+    assert fast == full

@@ -82,7 +82,7 @@ def test_rerun_adds_only_new_augmented_rows(tiny_workdir, tiny_cache):
     write_rows(aug, Path(run.cache.augment_dir) / "tang.parquet")
     summary = build_cache(run)
     assert summary["rows_written"] == 2
-    assert summary["sets"]["train"]["written"] == 0
+    assert summary["sets"]["train"]["already_cached"] == summary["sets"]["train"]["cached_now"]
     after = TeacherCache(cache_dir)
     assert len(after) == n_before + 2
     rows = after.row_table(["aug-tang"])

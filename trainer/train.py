@@ -24,6 +24,8 @@ from data.io import UserError, atomic_write_text, run_cli
 from pipeline.cache_reader import TeacherCache
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import _to, count_parameters, cpu_latency_ms, evaluate, result_table, size_on_disk
+from trainer.distributed import barrier, broadcast_flag, join, wrap
+from trainer.distributed import setup as dist_setup
 from trainer.loader import CacheStream, StreamConfig
 from trainer.stages import Stage, stages_for
 
@@ -124,119 +126,159 @@ def _optimizer(model, lr: float, cfg: TrainConfig, total_steps: int):
     return opt, sched
 
 
-def train_run(run: RunSpec, cfg: TrainConfig) -> dict:
-    from trainer.losses import get_loss, make_params
-    from trainer.students import save_student
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    cache = TeacherCache(cfg.cache)
-    sets = train_sets(cfg, cache)
-    stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
-    specs = [get_loss(st.loss) for st in stages]
-    is_bert = run.student == "smallbert"
+def preflight(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str], specs, is_bert: bool) -> list:
+    """Every refusal before the first step: missing fields, damaged shards, wrong student, no labels."""
     fields = sorted(set().union(*(s.fields for s in specs)) | {"logits"} | ({"input_ids"} if is_bert else set()))
     cache.check_fields(fields)
     if cfg.verify:  # before anything reads a shard: damage is reported by name, never trained on
         cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)
+    labels = cache.row_table(["train"], ["label"]).column("label")
     for spec in specs:
         if spec.token_level and not is_bert:
             raise UserError(f"loss {spec.name} compares token positions with the teacher's: use STUDENT=smallbert "
                             f"(word-level students see other tokens)")
         if spec.needs_second_teacher and not cfg.cache2:
             raise UserError(f"loss {spec.name} needs a second teacher's cache: set cache2=<cache dir>")
-        labels = cache.row_table(["train"], ["label"]).column("label")
         if spec.needs_labels and labels.null_count == len(labels):
             raise UserError(f"loss {spec.name} needs gold labels, but the cache's train rows have none")
-    device = _device(cfg.device)
-    model, encode = build(run, cfg, cache, sets)
-    model.to(device)
+    return fields
+
+
+@dataclass
+class Job:
+    """What one stage's epochs share."""
+
+    run: RunSpec
+    cfg: TrainConfig
+    model: torch.nn.Module
+    spec: object
+    params: object
+    stream: CacheStream
+    opt: torch.optim.Optimizer
+    sched: object
+    device: torch.device
+    gold: set | None
+    log: object
+    steps: int
+    world: int
+
+
+def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int, save_mid) -> tuple[float, int, int]:
+    """One pass over this rank's share of the stream; returns (mean loss, batches, global step)."""
+    cfg, model, want = job.cfg, job.model, frozenset(job.spec.student_needs)
+    model.train()
+    loader = DataLoader(job.stream, batch_size=None, num_workers=cfg.workers)
+    bar = tqdm(loader, total=job.steps, desc=f"{job.run.name} s{stage + 1} e{epoch + 1}", unit="batch", leave=False)
+    loss_sum, n = 0.0, 0
+    with join(model):
+        for batch in bar:
+            if cfg.max_steps_per_epoch and sum(consumed.values()) >= cfg.max_steps_per_epoch:
+                break
+            pos = batch.pop("stream")
+            if job.gold is not None:
+                batch["labels"] = _mask_labels(batch, job.gold)
+            batch = _to(batch, job.device)
+            loss, parts = job.spec.fn(model(batch, want), batch, job.params, {"epoch": epoch, "step": global_step})
+            job.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            job.opt.step()
+            job.sched.step()
+            consumed[pos["consumer"]] = pos["batches_done"]
+            global_step += 1
+            loss_sum, n = loss_sum + loss.item(), n + 1
+            if job.world == 1 and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                save_mid(epoch, consumed, global_step)
+            if global_step % cfg.log_every == 0 and job.log:
+                job.log.write(json.dumps({"run": job.run.name, "stage": stage + 1, "epoch": epoch + 1,
+                                          "step": global_step, "loss": loss.item(),
+                                          **{k: float(v) for k, v in parts.items()}}) + "\n")
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+    return loss_sum / max(1, n), n, global_step
+
+
+def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
+    """Train one student (every stage), keep the best on dev, measure it. Rank 0 returns the result."""
+    from trainer.losses import get_loss, make_params
+    from trainer.students import save_student
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    rank, world, device = dist_setup(_device(cfg.device))
+    lead = rank == 0
+    cache = TeacherCache(cfg.cache)
+    sets = train_sets(cfg, cache)
+    stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
+    specs = [get_loss(st.loss) for st in stages]
+    is_bert = run.student == "smallbert"
+    preflight(run, cfg, cache, sets, specs, is_bert)
+    student, encode = build(run, cfg, cache, sets)
+    student.to(device)
+    model = wrap(student, world, device)
     out = Path(cfg.out_dir) / run.name
     out.mkdir(parents=True, exist_ok=True)
-    save_config(run, out, "run.json")
     eval_fields = ("logits", "input_ids") if is_bert else ("logits",)
     history, best, t_start, global_step = [], None, time.time(), 0
     gold = _gold_ids(cache, cfg.label_budget) if cfg.label_budget else None
-    log = open(out / "metrics.jsonl", "a")
+    log = open(out / "metrics.jsonl", "a") if lead else None
+    if lead:
+        save_config(run, out, "run.json")
     for si, stage in enumerate(stages):
-        # run.loss_params fill a one-stage run; staged runs take each stage's own params
-        spec = specs[si]
+        spec = specs[si]  # run.loss_params fill a one-stage run; staged runs take each stage's own params
         params = make_params(stage.loss, {**(run.loss_params if len(stages) == 1 else {}), **stage.params})
-        want = frozenset(spec.student_needs)
         stream = CacheStream(cfg.cache, sets, sorted(set(spec.fields) | set(eval_fields)),
                              StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed + si), encode=encode,
-                             second_cache=cfg.cache2 or None,
-                             second_fields=("logits", "cls") if spec.needs_second_teacher else ("logits",))
-        steps = math.ceil(stream.num_rows / cfg.batch_size)
-        if cfg.max_steps_per_epoch:
-            steps = min(steps, cfg.max_steps_per_epoch)
-        lr = stage.lr or (5e-5 if is_bert else 1e-3)
-        opt, sched = _optimizer(model, lr, cfg, steps * stage.epochs)
+                             rank=rank, world=world, second_cache=cfg.cache2 or None)
+        steps = math.ceil(stream.num_rows / cfg.batch_size / world)
+        steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+        opt, sched = _optimizer(model, stage.lr or (5e-5 if is_bert else 1e-3), cfg, steps * stage.epochs)
+        job = Job(run, cfg, model, spec, params, stream, opt, sched, device, gold, log, steps, world)
         ckpt = out / f"checkpoint-stage{si}"
-        state = load_checkpoint(ckpt, model, opt, sched) if cfg.resume else None
-        start_epoch = state["epoch"] if state else 0
+        state = load_checkpoint(ckpt, student, opt, sched) if cfg.resume else None
+        start_epoch, stale = (state["epoch"], state.get("stale", 0)) if state else (0, 0)
         if state:
             best, history, global_step = state["best"], state["history"], state["global_step"]
             print(f"{run.name}: resuming stage {si + 1} at epoch {start_epoch + 1}, "
                   f"{sum(state['stream'].values())} batches into it")
-        stale = 0
+
+        def save_mid(epoch, consumed, step):
+            save_checkpoint(ckpt, student, opt, sched, {"epoch": epoch, "stream": consumed, "best": best,
+                                                         "history": history, "global_step": step, "stale": stale})
+
         for epoch in range(start_epoch, stage.epochs):
             stream.set_epoch(epoch)
             if state and epoch == start_epoch:
                 stream.state.batches_done = {int(k): v for k, v in state["stream"].items()}
             consumed = dict(stream.state.batches_done)
-            model.train()
-            loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers)
-            bar = tqdm(loader, total=steps, desc=f"{run.name} s{si + 1} e{epoch + 1}/{stage.epochs}", unit="batch",
-                       leave=False)
-            loss_sum, n = 0.0, 0
             t0 = time.time()
-            for batch in bar:
-                if cfg.max_steps_per_epoch and sum(consumed.values()) >= cfg.max_steps_per_epoch:
-                    break
-                pos = batch.pop("stream")
-                if gold is not None:
-                    batch["labels"] = _mask_labels(batch, gold)
-                batch = _to(batch, device)
-                out_s = model(batch, want)
-                loss, parts = spec.fn(out_s, batch, params, {"epoch": epoch, "step": global_step})
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                consumed[pos["consumer"]] = pos["batches_done"]
-                global_step += 1
-                loss_sum, n = loss_sum + loss.item(), n + 1
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, model, opt, sched, {"epoch": epoch, "stream": consumed, "best": best,
-                                                               "history": history, "global_step": global_step})
-                if global_step % cfg.log_every == 0:
-                    log.write(json.dumps({"run": run.name, "stage": si + 1, "epoch": epoch + 1, "step": global_step,
-                                          "loss": loss.item(), **{k: float(v) for k, v in parts.items()}}) + "\n")
-                    bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            loss, n, global_step = run_epoch(job, epoch, si, consumed, global_step, save_mid)
             epoch_seconds = time.time() - t0
-            dev = evaluate(model, cfg.cache, [cfg.dev_set], eval_fields, encode, cache.num_labels, device)
-            record = {"stage": si + 1, "epoch": epoch + 1, "train_loss": loss_sum / max(1, n),
-                      "epoch_seconds": round(epoch_seconds, 2), **{f"dev_{k}": v for k, v in dev.items()}}
-            history.append(record)
-            log.write(json.dumps({"run": run.name, **record}) + "\n")
-            log.flush()
-            print(f"{run.name} stage {si + 1} epoch {epoch + 1}: loss {record['train_loss']:.4f} "
-                  f"dev acc {dev['accuracy']:.4f} F1 {dev['macro_f1']:.4f} ({epoch_seconds:.1f} s)")
-            final_stage = si == len(stages) - 1
-            if final_stage and (best is None or dev["accuracy"] > best["dev_accuracy"]):
-                best, stale = {"stage": si + 1, "epoch": epoch + 1, "dev_accuracy": dev["accuracy"],
-                               "dev_macro_f1": dev["macro_f1"]}, 0
-                save_student(model, out / "best", cache.label_names)
-            elif final_stage:
-                stale += 1
-            save_checkpoint(ckpt, model, opt, sched, {"epoch": epoch + 1, "stream": {}, "best": best,
-                                                       "history": history, "global_step": global_step})
-            if final_stage and stale >= cfg.patience:
-                print(f"{run.name}: early stop, no better dev accuracy for {stale} epochs")
+            final_stage, stop = si == len(stages) - 1, False
+            if lead:
+                dev = evaluate(student, cfg.cache, [cfg.dev_set], eval_fields, encode, cache.num_labels, device)
+                record = {"stage": si + 1, "epoch": epoch + 1, "train_loss": loss, "epoch_seconds": round(epoch_seconds, 2),
+                          **{f"dev_{k}": v for k, v in dev.items()}}
+                history.append(record)
+                log.write(json.dumps({"run": run.name, **record}) + "\n")
+                log.flush()
+                print(f"{run.name} stage {si + 1} epoch {epoch + 1}: loss {loss:.4f} dev acc {dev['accuracy']:.4f} "
+                      f"F1 {dev['macro_f1']:.4f} ({epoch_seconds:.1f} s)")
+                if final_stage and (best is None or dev["accuracy"] > best["dev_accuracy"]):
+                    best, stale = {"stage": si + 1, "epoch": epoch + 1, "dev_accuracy": dev["accuracy"],
+                                   "dev_macro_f1": dev["macro_f1"]}, 0
+                    save_student(student, out / "best", cache.label_names)
+                elif final_stage:
+                    stale += 1
+                save_mid(epoch + 1, {}, global_step)
+                stop = final_stage and stale >= cfg.patience
+                if stop:
+                    print(f"{run.name}: early stop, no better dev accuracy for {stale} epochs")
+            if broadcast_flag(stop, world):
                 break
+            barrier(world)
+    if not lead:
+        return None
     log.close()
     _write_csv(out / "metrics.csv", history)
     return finish_run(run, cfg, cache, out, best, time.time() - t_start, history, device)
@@ -288,9 +330,9 @@ def finish_run(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, out: Path, b
 
 
 def train_all(cfg: TrainConfig) -> list[dict]:
-    results = []
-    for run in plan_runs(cfg):
-        results.append(train_run(run, cfg))
+    results = [train_run(run, cfg) for run in plan_runs(cfg)]
+    if results and results[0] is None:  # not rank 0: rank 0 writes the table
+        return []
     out = Path(cfg.out_dir)
     table = result_table(results)
     atomic_write_text(out / "results.md", table + "\n")
@@ -302,6 +344,8 @@ def train_all(cfg: TrainConfig) -> list[dict]:
 def main(argv: list[str]) -> int:
     cfg = parse_cli(TrainConfig, argv)
     results = train_all(cfg)
+    if not results:  # a rank other than 0
+        return 0
     teacher = results[0].get("teacher_test_accuracy") if results else None
     if teacher is not None:
         print(f"teacher test accuracy (from the cache): {teacher:.4f}")

@@ -1,7 +1,10 @@
 """Shared parts of the word-level students (BiLSTM, TextCNN): embeddings, pairs, batches.
 
 A subclass implements `_sentence(ids, lengths, hidden) -> (vector (B, d), hidden list | None)`
-and sets `feature_dim` (d) before calling `_build_head`.
+and calls `_build_head(d, ...)`, where d is the width of its sentence vector and of its top
+token states. With `config.project_to` set (the teacher width d_T), `_build_head` also adds
+`projections["pkd"] = Linear(d, d_T)`: the learned map PKD / dynakd_supervision use to compare
+the student's (masked-mean) token states with the teacher's [CLS] states.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class WordStudent(nn.Module):
         self.vocab = vocab
         self.n_missing_embeddings: int | None = None
         self.label_names: list[str] | None = None
+        self.projections: nn.ModuleDict | None = None
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=Vocab.pad_id)
         if embeddings is not None:
             if tuple(embeddings.shape) != (cfg.vocab_size, cfg.embed_dim):
@@ -89,6 +93,9 @@ class WordStudent(nn.Module):
             in_dim = mlp_hidden
         layers.append(nn.Linear(in_dim, cfg.num_labels))
         self.head = nn.Sequential(*layers)
+        project_to = getattr(cfg, "project_to", None)
+        if project_to:  # created after the head: students without it keep their seeded init
+            self.projections = nn.ModuleDict({"pkd": nn.Linear(feature_dim, int(project_to))})
 
     # ---------------------------------------------------------------- inputs
     def encode_texts(self, texts, texts_b=None) -> dict:
@@ -128,4 +135,5 @@ class WordStudent(nn.Module):
                 hid = [torch.cat([a, b], dim=1) for a, b in zip(hid, hid_b)]
         else:
             feats = u
-        return StudentOutput(logits=self.head(feats), hidden_states=hid if hidden else None, mask=mask, pooled=feats)
+        return StudentOutput(logits=self.head(feats), hidden_states=hid if hidden else None, mask=mask, pooled=feats,
+                             projections=self.projections)

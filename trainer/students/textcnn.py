@@ -31,6 +31,7 @@ class TextCNNConfig:
     pair: bool = False
     max_len: int | None = None  # encode_texts truncation (words)
     seed: int = 0
+    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)
 
 
 class TextCNNStudent(WordStudent):
