@@ -48,7 +48,6 @@ class TinyBertParams:
     drop_special: bool = True  # drop [UNK]/[CLS]/... from MLM candidates (the reference keeps them)
     word_candidates: bool = True  # keep only alphabetic non-stop-word candidates (the reference keeps all but "##")
     protect_twitter: bool = True  # leave words inside URLs, @mentions and #hashtags alone
-    threads: int = 0  # torch threads; 0 = `workers`
 
 
 @dataclass
@@ -59,7 +58,7 @@ class AugmentConfig:
     tang: TangParams = field(default_factory=TangParams)
     tinybert: TinyBertParams = field(default_factory=TinyBertParams)
     seed: int = 13
-    workers: int = 1  # Tang: processes over chunks; TinyBERT: torch threads
+    workers: int = 1  # processes over chunks (TinyBERT: each with one torch thread, so bytes never depend on it)
     max_rows: int = 0  # 0 = all rows of the split, else the first max_rows
     chunk_rows: int = 1000  # rows per part file (the resume unit)
     out_dir: str = "work/augment"
@@ -98,7 +97,7 @@ class AugmentConfig:
             raise ConfigError(f"tang.tagger: {t.tagger!r} is not auto, nltk or textblob")
 
 
-OPERATIONAL = {"mlm_dir", "threads"}  # where/how fast, not what: kept out of provenance
+OPERATIONAL = {"mlm_dir"}  # where, not what: kept out of provenance
 
 
 def method_params(cfg: AugmentConfig, method: str) -> dict:

@@ -95,6 +95,9 @@ class NeighbourTable:
         self.identity = vectors_identity(spec, limit)
         self.table: dict[str, list[str]] = {}
 
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _kv=None)  # workers use the table; vectors reload if ever needed
+
     def _vectors(self):
         if self._kv is None:
             self._kv = load_vectors(self.spec, self.limit)

@@ -136,8 +136,11 @@ def ensure_minilm_mlm(mlm_dir: str | Path, texts: list[str], corpus_fingerprint:
     return folder
 
 
-def load_mlm(name: str):
-    """(model, tokenizer, identity) for any AutoModelForMaskedLM folder or hub name."""
+def load_mlm(name: str, identify: bool = True):
+    """(model, tokenizer, identity) for any AutoModelForMaskedLM folder or hub name.
+
+    The identity of a local folder is a checksum of its files (skipped with identify=False).
+    """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     quiet_transformers()
@@ -156,7 +159,7 @@ def load_mlm(name: str):
         raise UserError(f"tinybert.mlm: the tokenizer of {name!r} has no mask token")
     model.eval()
     path = Path(name)
-    identity = f"{path.name}:{sha256_tree(path)[:16]}" if path.is_dir() else name
+    identity = f"{path.name}:{sha256_tree(path)[:16]}" if path.is_dir() and identify else name
     return model, tokenizer, identity
 
 

@@ -22,7 +22,8 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from data.faults import crash_point
+from data.io import UserError, atomic_write_bytes, atomic_write_text, fsync_dir
 from data.rows import ROW_SCHEMA, read_rows, write_rows
 
 
@@ -44,6 +45,7 @@ class Samples:
 class Augmenter(Protocol):
     name: str
     parallel: bool  # True: chunks may run in worker processes
+    start_method: str  # "fork" (cheap, shares memory) or "spawn" (workers rebuild heavy state)
 
     def prepare(self, rows: pa.Table) -> dict: ...  # returns the identity recorded in provenance
 
@@ -125,13 +127,24 @@ def _do_chunk(i: int) -> tuple[int, dict]:
     counts = dict(s.counts, rows_in=chunk.num_rows, rows_out=len(s.text))
     write_rows(to_rows(chunk, s, aug.name, prefix), parts / f"part-{i:05d}.parquet")
     atomic_write_text(parts / f"part-{i:05d}.json", json.dumps(counts, sort_keys=True))
+    crash_point("augment-part-committed")
     return i, counts
 
 
-def _pool(workers: int, job: dict):
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    return ctx.Pool(workers, initializer=_init, initargs=(job,))
+def _run_pool(todo: list[int], workers: int, job: dict, parts: Path):
+    """Chunks in worker processes; a worker that dies (OOM, kill -9) fails the run, never hangs it."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    method = getattr(job["aug"], "start_method", "fork")
+    ctx = mp.get_context(method if method in mp.get_all_start_methods() else "spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(job,)) as ex:
+            for f in as_completed([ex.submit(_do_chunk, i) for i in todo]):
+                yield f.result()
+    except BrokenProcessPool:
+        raise UserError(f"a worker process died (killed or out of memory); finished chunks are kept in {parts}: "
+                        "run the same command again to resume") from None
 
 
 def run_chunks(aug: Augmenter, rows: pa.Table, parts: Path, size: int, prefix: str, workers: int,
@@ -152,10 +165,9 @@ def run_chunks(aug: Augmenter, rows: pa.Table, parts: Path, size: int, prefix: s
                desc=aug.name, disable=not progress, leave=False)
     try:
         if aug.parallel and workers > 1 and len(todo) > 1:
-            with _pool(min(workers, len(todo)), job) as pool:
-                for i, c in pool.imap_unordered(_do_chunk, todo):
-                    counts[i] = c
-                    bar.update(c["rows_in"])
+            for i, c in _run_pool(todo, min(workers, len(todo)), job, parts):
+                counts[i] = c
+                bar.update(c["rows_in"])
         else:
             _init(job)
             for i in todo:

@@ -36,7 +36,7 @@ def make_augmenter(cfg: AugmentConfig, method: str):
         return TangAugmenter(cfg.tang, cfg.seed, cfg.cache_dir, cfg.workers)
     from augment.tinybert import TinyBertAugmenter
 
-    return TinyBertAugmenter(cfg.tinybert, cfg.seed, cfg.cache_dir, cfg.data_dir, cfg.workers, log=log)
+    return TinyBertAugmenter(cfg.tinybert, cfg.seed, cfg.cache_dir, cfg.data_dir, log=log)
 
 
 def write_union(summaries: list[dict], out_dir: Path) -> dict:
@@ -71,6 +71,14 @@ def write_union(summaries: list[dict], out_dir: Path) -> dict:
     return summary
 
 
+def drop_stale_union(out_dir: Path, method: str) -> None:
+    """A union built from an earlier output of `method` no longer matches it: remove it."""
+    path = out_dir / "union.summary.json"
+    if path.is_file() and method in json.loads(path.read_text()).get("methods", []):
+        (out_dir / "union.parquet").unlink(missing_ok=True)
+        path.unlink()
+
+
 def augment(cfg: AugmentConfig) -> list[dict]:
     rows = load_input(cfg)
     out_dir = Path(cfg.out_dir)
@@ -81,6 +89,8 @@ def augment(cfg: AugmentConfig) -> list[dict]:
                                     chunk_rows=cfg.chunk_rows, workers=cfg.workers, progress=cfg.progress))
     if len(summaries) > 1:
         summaries.append(write_union(summaries, out_dir))
+    elif not summaries[0].get("reused"):
+        drop_stale_union(out_dir, cfg.methods[0])
     save_config(cfg, out_dir, "augment_config.json")
     return summaries
 

@@ -7,8 +7,8 @@ p_ng only a random n-gram (n ~ U{ng_min..ng_max}) is kept. Samples identical to 
 original or to an earlier sample of the same row are dropped and counted.
 
 Speed: every sentence is tokenised and tagged once (cached on disk); the tag->unigram
-table is a few flat numpy arrays, and the rules of all n_iter samples of a row are
-drawn in one vectorised pass from that row's own generator.
+table is a few flat numpy arrays; all draws of a whole chunk are one vectorised pass
+over counter-based per-row random streams (so they still belong to each row alone).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from augment.config import TangParams
 from augment.parts import Samples, input_key, row_seed, stable_key, write_parquet
@@ -151,6 +152,7 @@ class TangAugmenter:
 
     name = "tang"
     parallel = True
+    start_method = "fork"  # workers share the tag table copy-on-write
 
     def __init__(self, params: TangParams, seed: int, cache_dir: str | Path, workers: int = 1):
         self.p, self.seed, self.cache_dir, self.workers = params, seed, Path(cache_dir), workers
@@ -159,14 +161,12 @@ class TangAugmenter:
         self.table: PosTable | None = None
 
     def prepare(self, rows: pa.Table) -> dict:
-        tokenize = make_tokenizer(self.p.tokenizer)
-        tagger, tagger_id = make_tagger(self.p.tagger)
+        make_tokenizer(self.p.tokenizer)  # fail early on a bad name
+        tagger_id = make_tagger(self.p.tagger)[1]
         texts = rows.column("text").to_pylist()
         cache = self.cache_dir / f"tang-tags-{stable_key(input_key(rows), self.p.tokenizer, tagger_id)}.parquet"
-        if cache.is_file():
-            import pyarrow.parquet as pq
-
-            t = pq.read_table(cache)
+        t = pq.read_table(cache) if cache.is_file() else None
+        if t is not None and t.column("row_id").to_pylist() == rows.column("row_id").to_pylist():
             self.tokens, self.tags = t.column("tokens").to_pylist(), t.column("tags").to_pylist()
         else:
             self.tokens, self.tags = _tag_parallel(texts, self.p.tokenizer, self.p.tagger, self.workers)
@@ -217,10 +217,11 @@ def _tag_parallel(texts: list[str], tokenizer: str, tagger: str, workers: int) -
     if workers <= 1 or len(texts) < 2000:
         return _tag_chunk((texts, tokenizer, tagger))
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     step = -(-len(texts) // (workers * 4))
     jobs = [(texts[i : i + step], tokenizer, tagger) for i in range(0, len(texts), step)]
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
-        done = pool.map(_tag_chunk, jobs)
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:  # a dead worker raises, never hangs
+        done = list(ex.map(_tag_chunk, jobs))
     return [t for a, _ in done for t in a], [t for _, b in done for t in b]

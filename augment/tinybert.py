@@ -54,16 +54,45 @@ def match_case(original: str, word: str) -> str:
     return word
 
 
+def _one_thread(fn, *args):
+    """Run with one torch thread: float results, hence candidates, never depend on `workers`
+    (parallelism comes from worker processes). The caller's thread setting is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 class TinyBertAugmenter:
     name = "tinybert"
-    parallel = False  # one model in one process; torch threads give the parallelism
+    parallel = True
+    start_method = "spawn"  # workers load the MLM themselves: no fork of a process that ran torch
 
     def __init__(self, params: TinyBertParams, seed: int, cache_dir: str | Path, data_dir: str | Path,
-                 workers: int = 1, log=print):
+                 log=print):
         self.p, self.seed, self.data_dir, self.log = params, seed, Path(data_dir), log
-        self.threads = params.threads or workers
         self.glove = None if params.glove == "none" else NeighbourTable(params.glove, params.glove_vocab, params.k, cache_dir)
         self.mlm: BatchedMLM | None = None
+        self.model_name = self.mlm_id = ""
+
+    def __getstate__(self) -> dict:
+        """What a worker process needs: the model is reloaded there, not sent through a pipe."""
+        return dict(self.__dict__, mlm=None, log=None)
+
+    def _load(self) -> None:
+        import torch
+
+        quiet_transformers()
+        model, tok, mlm_id = load_mlm(self.model_name, identify=not self.mlm_id)
+        self.mlm_id = self.mlm_id or mlm_id
+        if self.p.mlm_dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        self.mlm = BatchedMLM(model, tok, batch=self.p.batch, max_length=self.p.max_length,
+                              drop_special=self.p.drop_special)
 
     def _model_name(self) -> str:
         if self.p.mlm != "minilm-mlm":
@@ -78,22 +107,16 @@ class TinyBertAugmenter:
         return str(folder)
 
     def prepare(self, rows: pa.Table) -> dict:
-        import torch
-
         quiet_transformers()
-        torch.set_num_threads(self.threads)
-        model, tok, mlm_id = load_mlm(self._model_name())
-        if self.p.mlm_dtype == "bfloat16":
-            model = model.to(torch.bfloat16)
-        self.mlm = BatchedMLM(model, tok, batch=self.p.batch, max_length=self.p.max_length,
-                              drop_special=self.p.drop_special)
+        self.model_name = self._model_name()  # builds minilm-mlm once (all cores) when it is missing
+        self._load()
         glove_id = "none"
         if self.glove is not None:
             words = {w.norm for ws, _ in self.segment(rows.column("text").to_pylist()) for w in ws
                      if len(w.pieces) > 1}
             self.glove.ensure(words)  # every neighbour this input needs, computed once, kept on disk
             glove_id = self.glove.identity
-        return {"mlm": mlm_id, "glove": glove_id}
+        return {"mlm": self.mlm_id, "glove": glove_id}
 
     def segment(self, texts: list[str]) -> list[tuple[list[Word], list[int]]]:
         """Per text: its candidate words and its piece ids (no special tokens)."""
@@ -138,7 +161,7 @@ class TinyBertAugmenter:
                     nn = self.glove.get(w.norm) if w.norm in self.glove.table else self._glove_late(w.norm)
                     counts["glove_words" if nn else "glove_missing_words"] += 1
                     cands[n][m] = self._keep(nn)
-        for (n, m), got in zip(where, self.mlm.topk(items, self.p.k)):
+        for (n, m), got in zip(where, _one_thread(self.mlm.topk, items, self.p.k)):
             counts["mlm_words" if got is not None else "mlm_word_beyond_max_length"] += 1
             cands[n][m] = self._keep(got or [])
         return [(seg[n][0], cands[n]) for n in range(len(texts))]
@@ -154,8 +177,10 @@ class TinyBertAugmenter:
         return self.glove.get(word)
 
     def process(self, chunk: pa.Table, start: int) -> Samples:
-        if self.mlm is None:
+        if not self.model_name:
             raise UserError("tinybert: prepare() must run before process()")
+        if self.mlm is None:  # a worker process
+            self._load()
         out = Samples()
         texts = chunk.column("text").to_pylist()
         ids = chunk.column("row_id").to_pylist()

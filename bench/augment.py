@@ -8,7 +8,7 @@
 (b) Tang: a reference-style per-sentence Python loop (as castorini/d-bert augment_data.py)
     vs ours with 1 and 2 workers; input and output sentences per second, after tagging.
 
-`python bench/augment.py [tinybert_rows=200] [tang_rows=2000] [threads=1]`
+`python bench/augment.py [tinybert_rows=200] [tang_rows=2000]` (both sides on one torch thread)
 writes bench/results/augment.json.
 """
 from __future__ import annotations
@@ -134,15 +134,12 @@ def compare(ours_cands, ref_cands) -> dict:
             "identical_candidate_sets": round(same_set / max(total, 1), 4)}
 
 
-def run_ours(p: TinyBertParams, rows, cache: Path, threads: int, seed: int) -> dict:
-    """Our augmenter end to end on `rows` as one chunk (MLM load and GloVe table outside the timing)."""
-    import torch
-
-    aug = TinyBertAugmenter(p, seed, cache, DATA, workers=threads, log=lambda m: print(m, file=sys.stderr))
+def run_ours(p: TinyBertParams, rows, cache: Path, seed: int) -> dict:
+    """Our augmenter on `rows` as one chunk (MLM load and GloVe table outside the timing)."""
+    aug = TinyBertAugmenter(p, seed, cache, DATA, log=lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     ident = aug.prepare(rows)
     prepare_s = time.perf_counter() - t0
-    torch.set_num_threads(threads)
     texts = rows.column("text").to_pylist()
     cand_s, cands = best_of(lambda: aug.candidates(texts, Counter()), 1)
     run_s, out = best_of(lambda: aug.process(rows, 0), 1)
@@ -150,7 +147,7 @@ def run_ours(p: TinyBertParams, rows, cache: Path, threads: int, seed: int) -> d
             "out": len(out.text)}
 
 
-def bench_tinybert(n_rows: int, threads: int, seed: int = 13) -> dict:
+def bench_tinybert(n_rows: int, seed: int = 13) -> dict:
     import torch
 
     rows = load_split(DATA, "train").slice(0, n_rows)
@@ -158,15 +155,21 @@ def bench_tinybert(n_rows: int, threads: int, seed: int = 13) -> dict:
     # Same word set and raw candidate lists on both sides: no filtering beyond the reference's.
     p = TinyBertParams(word_candidates=False, drop_special=False, protect_twitter=False)
     cache = Path(tempfile.mkdtemp(prefix="bench-glove-"))
-    ours = run_ours(p, rows, cache, threads, seed)  # cold GloVe table: computed in prepare
-    torch.set_num_threads(threads)
+    ours = run_ours(p, rows, cache, seed)  # cold GloVe table: computed in prepare
+    torch.set_num_threads(1)  # the reference on one thread too, like ours
     glove = reference_glove(p.glove_vocab)
     ref_s, (ref_cands, ref_out) = best_of(lambda: reference_tinybert(ours["aug"], texts, glove, p, seed), 1)
+    par = Path(tempfile.mkdtemp(prefix="bench-tb2-"))
+    t0 = time.perf_counter()  # end to end with 2 worker processes (their start and MLM load included)
+    two = run_method(TinyBertAugmenter(p, seed, cache, DATA), rows, out_dir=par, params={"bench": 1}, seed=seed,
+                     chunk_rows=max(1, n_rows // 4), workers=2, progress=False)
+    two_s = time.perf_counter() - t0
+    shutil.rmtree(par, ignore_errors=True)
     bf16 = run_ours(TinyBertParams(word_candidates=False, drop_special=False, protect_twitter=False,
-                                   mlm_dtype="bfloat16"), rows, cache, threads, seed)
+                                   mlm_dtype="bfloat16"), rows, cache, seed)
     shutil.rmtree(cache, ignore_errors=True)
     return {
-        "rows": n_rows, "torch_threads": threads, "mlm": ours["ident"]["mlm"], "glove": ours["ident"]["glove"],
+        "rows": n_rows, "torch_threads": 1, "mlm": ours["ident"]["mlm"], "glove": ours["ident"]["glove"],
         **compare(ours["cands"], ref_cands),
         "reference_seconds": round(ref_s, 2), "ours_seconds": round(ours["run_s"], 2),
         "ours_candidates_only_seconds": round(ours["cand_s"], 2),
@@ -174,6 +177,7 @@ def bench_tinybert(n_rows: int, threads: int, seed: int = 13) -> dict:
         "speedup": round(ref_s / ours["run_s"], 2),
         "reference_rows_per_s": round(n_rows / ref_s, 2), "ours_rows_per_s": round(n_rows / ours["run_s"], 2),
         "reference_samples_out": ref_out, "ours_samples_out": ours["out"],
+        "ours_2_workers_to_parquet_seconds": round(two_s, 2), "ours_2_workers_rows_out": two["rows_out"],
         "bfloat16": {"seconds": round(bf16["run_s"], 2), "speedup": round(ref_s / bf16["run_s"], 2),
                      **compare(bf16["cands"], ref_cands)},
     }
@@ -249,12 +253,11 @@ def bench_tang(n_rows: int, seed: int = 13) -> dict:
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv)
     tb_rows, tang_rows = int(args.get("tinybert_rows", 200)), int(args.get("tang_rows", 2000))
-    threads = int(args.get("threads", 1))
     if not (DATA / "train.parquet").is_file():
         print(f"error: {DATA}/train.parquet not found: run `python -m data.prepare max_rows=6000` first", file=sys.stderr)
         return 2
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-               "tang": bench_tang(tang_rows), "tinybert": bench_tinybert(tb_rows, threads)}
+               "tang": bench_tang(tang_rows), "tinybert": bench_tinybert(tb_rows)}
     out = ROOT / "bench" / "results" / "augment.json"
     atomic_write_text(out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,8 +16,6 @@ from augment.run import augment, main
 from augment.tang import TangAugmenter
 from data.io import run_cli
 from data.rows import ROW_SCHEMA, make_row_id, write_rows
-
-import pyarrow as pa
 
 WORDS = "the a my your cat dog car train fast slow happy sad runs drives sleeps jumps over under near".split()
 
@@ -123,3 +126,25 @@ def test_cli_prints_a_summary_and_one_line_errors(data_dir, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err
+
+
+def _cli(args: list[str], crash: str | None = None):
+    """`python -m augment.run` in a child process, optionally SIGKILLed at a fault point."""
+    env = dict(os.environ, DISTIL_CRASH_AT=crash or "")
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "augment.run", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(data_dir, tmp_path):
+    augment(config(data_dir, tmp_path / "ref"))  # the same settings as `args`, in-process
+    args = [f"data_dir={data_dir}", "chunk_rows=20", "tang.n_iter=5", "progress=false"]
+    out = [f"out_dir={tmp_path / 'cut'}", f"cache_dir={tmp_path / 'c2'}"]
+    killed = _cli(args + out, crash="augment-part-committed:3")
+    assert killed.returncode == -9  # SIGKILL: no cleanup ran
+    assert len(list((tmp_path / "cut" / ".parts").rglob("part-*.json"))) == 3
+    worker_killed = _cli(args + out + ["workers=2"], crash="augment-part-committed:1")
+    assert worker_killed.returncode == 2 and "worker process died" in worker_killed.stderr
+    done = _cli(args + out + ["workers=2"])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cut" / "tang.parquet").read_bytes() == (tmp_path / "ref" / "tang.parquet").read_bytes()

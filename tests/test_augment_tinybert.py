@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -63,9 +64,6 @@ def test_minilm_mlm_is_built_once_as_a_safetensors_folder(env):
 
 def test_single_piece_words_take_mlm_candidates_multi_piece_take_glove(env):
     aug = env["aug"]
-    counts = {}
-    from collections import Counter
-
     counts = Counter()
     (words, cands), = aug.candidates([TEXTS[0]], counts)
     by_word = {w.norm: (w, c) for w, c in zip(words, cands)}
@@ -126,7 +124,7 @@ def test_user_glove_text_file_and_missing_files(env, tmp_path):
 def test_sampling_replaces_with_candidates_and_matches_case(env):
     aug = env["aug"]
     text = "Happy CARS drive"
-    words, cands = aug.candidates([text], __import__("collections").Counter())[0]
+    words, cands = aug.candidates([text], Counter())[0]
     cands = [["glad"], ["trucks"], ["ride"]][: len(words)]
     out = aug.sample(text, words, cands, np.random.default_rng(0))
     kept = [s for s in out if s]
@@ -135,12 +133,15 @@ def test_sampling_replaces_with_candidates_and_matches_case(env):
     assert match_case("Car", "truck") == "Truck" and match_case("CAR", "truck") == "TRUCK"
 
 
-def test_union_of_both_methods(env, tmp_path):
+def test_union_of_both_methods_and_same_bytes_with_two_workers(env, tmp_path):
     cfg = AugmentConfig(data_dir=str(env["data"]), methods=["tang", "tinybert"], tinybert=env["params"],
                         out_dir=str(tmp_path / "out"), cache_dir=str(env["root"] / "cache"), chunk_rows=7,
                         progress=False, max_rows=16)
     cfg.tang.n_iter = 4
     summaries = {s["method"]: s for s in augment(cfg)}
+    cfg.out_dir, cfg.workers, cfg.methods = str(tmp_path / "out2"), 2, ["tinybert"]
+    augment(cfg)  # two spawned workers, each loading the MLM with one torch thread
+    assert (tmp_path / "out2" / "tinybert.parquet").read_bytes() == (tmp_path / "out" / "tinybert.parquet").read_bytes()
     tang = pq.read_table(tmp_path / "out" / "tang.parquet")
     tiny = pq.read_table(tmp_path / "out" / "tinybert.parquet")
     union = pq.read_table(tmp_path / "out" / "union.parquet")

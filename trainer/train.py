@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.config import from_dict, parse_cli, save_config
+from data.faults import crash_point
 from data.io import UserError, atomic_write_text, run_cli
 from pipeline.cache_reader import TeacherCache
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -118,6 +120,55 @@ def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
     return model, model.encode_texts
 
 
+def with_projection(run: RunSpec, cache: TeacherCache, specs) -> RunSpec:
+    """Losses comparing student vectors with the teacher's [CLS] (PKD, dynakd_supervision) or hidden states
+    (TinyBERT, DistilBERT) need a learned Linear(d_S, d_T) when the widths differ: ask the student for it
+    (`project_to` = the teacher width from the manifest) unless the run sets project_to itself. A word
+    student always needs it for PKD (projections["pkd"]); a small BERT creates one only if d_S != d_T."""
+    fields = {"cls"} if run.student != "smallbert" else {"cls", "hidden"}
+    if "project_to" in run.student_params or not any(fields & set(s.fields) for s in specs):
+        return run
+    return replace(run, student_params={**run.student_params, "project_to": cache.manifest.teacher.hidden_size})
+
+
+PKD_FAMILY = ("pkd", "dynakd_supervision")
+
+
+def default_loss_params(loss: str, values: dict, student, cache: TeacherCache) -> dict:
+    """A depth-1 student (BiLSTM, TextCNN, 1-layer BERT) has no layer below its top, so PKD's skip/last maps
+    are empty: without a user layer_map, pair its one layer with the teacher's top non-final layer N−1
+    (layer 1 of a 1-layer teacher)."""
+    if loss not in PKD_FAMILY or values.get("layer_map") or getattr(student, "num_layers", 1) > 1:
+        return values
+    n = cache.manifest.teacher.num_layers
+    return {**values, "layer_map": [[1, max(1, n - 1)]]}
+
+
+def loss_error(run: RunSpec, e: Exception) -> str:
+    """A loss refusing this student or cache, as one line; a missing teacher layer names the cache setting."""
+    msg = f"run {run.name}: {e}"
+    m = re.search(r"stored (cls|hidden|attention)_layers", str(e))
+    if m:
+        key = f"cache.{m.group(1)}_layers"
+        msg += (f"; rebuild the teacher cache with that layer in {key} "
+                f"(make teacher-cache ARGS=\"{key}=all cache.name=<new name>\")")
+    return msg
+
+
+def check_second_cache(cache: TeacherCache, path: str, sets: list[str]) -> None:
+    """Dynamic KD joins the second teacher's cache by row id: every training row must be there."""
+    second = TeacherCache(path)
+    if second.label_names != cache.label_names:
+        raise UserError(f"second teacher cache {path} has labels {second.label_names}, the first {cache.label_names}")
+    have = set(second.row_table(None, ["row_id"]).column("row_id").to_pylist())
+    need = cache.row_table(sets, ["row_id"]).column("row_id").to_pylist()
+    missing = [r for r in need if r not in have]
+    if missing:
+        raise UserError(f"second teacher cache {path} lacks {len(missing)} of the {len(need)} training rows "
+                        f"(e.g. {missing[0]}): build it over the same data and augmented sets "
+                        "(make teacher-cache CONFIG=configs/teacher2.yaml)")
+
+
 def _optimizer(model, lr: float, cfg: TrainConfig, total_steps: int):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -139,6 +190,8 @@ def preflight(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[st
                             f"(word-level students see other tokens)")
         if spec.needs_second_teacher and not cfg.cache2:
             raise UserError(f"loss {spec.name} needs a second teacher's cache: set cache2=<cache dir>")
+        if spec.needs_second_teacher:
+            check_second_cache(cache, cfg.cache2, sets)
         if spec.needs_labels and labels.null_count == len(labels):
             raise UserError(f"loss {spec.name} needs gold labels, but the cache's train rows have none")
     return fields
@@ -167,7 +220,10 @@ def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int
     """One pass over this rank's share of the stream; returns (mean loss, batches, global step)."""
     cfg, model, want = job.cfg, job.model, frozenset(job.spec.student_needs)
     model.train()
-    loader = DataLoader(job.stream, batch_size=None, num_workers=cfg.workers)
+    # its own generator: creating the iterator must not draw from the global RNG (dropout's),
+    # or a run resumed mid-epoch would see other dropout masks than an uninterrupted one
+    loader = DataLoader(job.stream, batch_size=None, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(cfg.seed + epoch))
     bar = tqdm(loader, total=job.steps, desc=f"{job.run.name} s{stage + 1} e{epoch + 1}", unit="batch", leave=False)
     loss_sum, n = 0.0, 0
     with join(model):
@@ -178,7 +234,10 @@ def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int
             if job.gold is not None:
                 batch["labels"] = _mask_labels(batch, job.gold)
             batch = _to(batch, job.device)
-            loss, parts = job.spec.fn(model(batch, want), batch, job.params, {"epoch": epoch, "step": global_step})
+            try:
+                loss, parts = job.spec.fn(model(batch, want), batch, job.params, {"epoch": epoch, "step": global_step})
+            except ValueError as e:  # the loss refuses this student / cache layout: one line, not a traceback
+                raise UserError(loss_error(job.run, e)) from e
             job.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -189,6 +248,7 @@ def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int
             loss_sum, n = loss_sum + loss.item(), n + 1
             if job.world == 1 and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
                 save_mid(epoch, consumed, global_step)
+            crash_point("student-step")
             if global_step % cfg.log_every == 0 and job.log:
                 job.log.write(json.dumps({"run": job.run.name, "stage": stage + 1, "epoch": epoch + 1,
                                           "step": global_step, "loss": loss.item(),
@@ -213,6 +273,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     specs = [get_loss(st.loss) for st in stages]
     is_bert = run.student == "smallbert"
     preflight(run, cfg, cache, sets, specs, is_bert)
+    run = with_projection(run, cache, specs)
     student, encode = build(run, cfg, cache, sets)
     student.to(device)
     model = wrap(student, world, device)
@@ -226,10 +287,11 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
         save_config(run, out, "run.json")
     for si, stage in enumerate(stages):
         spec = specs[si]  # run.loss_params fill a one-stage run; staged runs take each stage's own params
-        params = make_params(stage.loss, {**(run.loss_params if len(stages) == 1 else {}), **stage.params})
+        params = make_params(stage.loss, default_loss_params(
+            stage.loss, {**(run.loss_params if len(stages) == 1 else {}), **stage.params}, student, cache))
         stream = CacheStream(cfg.cache, sets, sorted(set(spec.fields) | set(eval_fields)),
                              StreamConfig(batch_size=cfg.batch_size, seed=cfg.seed + si), encode=encode,
-                             rank=rank, world=world, second_cache=cfg.cache2 or None)
+                             rank=rank, world=world, second_cache=cfg.cache2 if spec.needs_second_teacher else None)
         steps = math.ceil(stream.num_rows / cfg.batch_size / world)
         steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
         opt, sched = _optimizer(model, stage.lr or (5e-5 if is_bert else 1e-3), cfg, steps * stage.epochs)

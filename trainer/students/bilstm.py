@@ -30,8 +30,8 @@ class BiLSTMConfig:
     dropout: float = 0.1  # on the sentence features and the MLP's hidden layer
     pair: bool = False  # sentence-pair task: batches carry word_ids_b / word_lengths_b
     max_len: int | None = None  # encode_texts truncation (words)
-    seed: int = 0
-    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)  # random rows of words missing from the vectors
+    seed: int = 0  # random rows of words missing from the vectors
+    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)
 
 
 class BiLSTMStudent(WordStudent):
