@@ -256,8 +256,10 @@ def main(argv: list[str]) -> int:
     if not (DATA / "train.parquet").is_file():
         print(f"error: {DATA}/train.parquet not found: run `python -m data.prepare max_rows=6000` first", file=sys.stderr)
         return 2
+    load_before = os.getloadavg()[0]
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
                "tang": bench_tang(tang_rows), "tinybert": bench_tinybert(tb_rows)}
+    results["machine"]["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     out = ROOT / "bench" / "results" / "augment.json"
     atomic_write_text(out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

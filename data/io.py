@@ -92,7 +92,8 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         sys.exit(130)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            print(f"error: disk full while writing {e.filename or ''}: the previous state is intact", file=sys.stderr)
+            print(f"\nerror: disk full while writing {e.filename or 'the output'}: the previous state is intact "
+                  "(committed work is kept; free space and run the same command to resume)", file=sys.stderr)
             sys.exit(3)
         raise
     sys.exit(code or 0)

@@ -8,6 +8,7 @@ arrays and commits shards while the next batches compute.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
@@ -277,7 +278,37 @@ def build_cache(run: RunConfig) -> dict:
     runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16)
     bar = tqdm(desc=f"caching {writer.dir.name}" + (f" rank {rank}/{world}" if world > 1 else ""), unit="row",
                smoothing=0.1)
-    t0, truncated, written, removed = time.time(), 0, 0, 0
+    t0 = time.time()
+    try:
+        truncated, written, removed = _run_plans(writer, runner, sets, tables, rank, world, run, bar)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # name the cache, not a temp file deep inside a Zarr store
+            raise OSError(errno.ENOSPC, "no space left", str(writer.dir)) from None
+        raise
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    with cache_lock(writer.dir):
+        writer.manifest = Manifest.load(writer.dir)
+        writer.merge_records()
+        for set_name, table in sets:
+            writer.manifest.sets.setdefault(set_name, {"rows": 0})["fingerprint"] = table_fingerprint(table)
+        writer.manifest.save(writer.dir)
+    if removed:
+        print(f"resumed: removed {removed} unfinished shard file(s) of an interrupted run")
+    manifest = writer.manifest
+    save_config(run, writer.dir, "run_config.json")
+    return {"cache": str(writer.dir), "rank": rank, "world_size": world,
+            "sets": {n: {"rows_in": t.num_rows, "already_cached": before.get(n, 0),
+                         "cached_now": manifest.sets.get(n, {}).get("rows", 0)} for n, t in sets},
+            "rows_written": written, "truncated": truncated, "seconds": round(seconds, 2),
+            "rows_per_s": round(written / seconds, 1) if written else None, "shards": len(manifest.shards),
+            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": load_plan(writer.dir) is not None}
+
+
+def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConfig, bar) -> tuple[int, int, int]:
+    """Write this rank's shards of the current plan (then of a next one, while any)."""
+    truncated = written = removed = 0
     while True:
         plan = current_plan(writer, sets, run.cache.shard_rows)
         recorded = set(writer.records())
@@ -296,24 +327,7 @@ def build_cache(run: RunConfig) -> dict:
                 written += table.num_rows
         finally:
             thread.finish()
-    bar.close()
-    seconds = time.time() - t0
-    with cache_lock(writer.dir):
-        writer.manifest = Manifest.load(writer.dir)
-        writer.merge_records()
-        for set_name, table in sets:
-            writer.manifest.sets.setdefault(set_name, {"rows": 0})["fingerprint"] = table_fingerprint(table)
-        writer.manifest.save(writer.dir)
-    if removed:
-        print(f"resumed: removed {removed} unfinished shard file(s) of an interrupted run")
-    manifest = writer.manifest
-    save_config(run, writer.dir, "run_config.json")
-    return {"cache": str(writer.dir), "rank": rank, "world_size": world,
-            "sets": {n: {"rows_in": t.num_rows, "already_cached": before.get(n, 0),
-                         "cached_now": manifest.sets.get(n, {}).get("rows", 0)} for n, t in sets},
-            "rows_written": written, "truncated": truncated, "seconds": round(seconds, 2),
-            "rows_per_s": round(written / seconds, 1) if written else None, "shards": len(manifest.shards),
-            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": load_plan(writer.dir) is not None}
+    return truncated, written, removed
 
 
 def _take(table: pa.Table, row_ids: list[str]) -> pa.Table:
