@@ -112,8 +112,8 @@ def prepare(cfg: DataConfig) -> dict:
         write_rows(part, out / f"{split}.parquet")
         counts[split] = part.num_rows
     quarantine.write(out / "quarantine.jsonl")
-    meta = {"name": name, "source": source, "label_names": label_names, "rows_in": len(records),
-            "rows": counts, "quarantined": quarantine.counts(),
+    meta = {"name": name, "source": source, "label_names": label_names, "rows_in": len(records) + len(bad),
+            "rows": counts, "quarantined": quarantine.counts(), "unlabelled": table.column("label").null_count,
             "fingerprint": table_fingerprint(table)}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     save_config(cfg, out)

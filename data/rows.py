@@ -110,6 +110,8 @@ def build_rows(
                 quarantine.add(f"{where} field text_b", "empty second sentence")
                 continue
         label = rec.get("label")
+        if isinstance(label, str) and not label.strip():
+            label = None  # an empty CSV cell: an unlabelled row
         if label is not None and label == label:  # not None / NaN
             key = str(label).strip()
             if key in label_index:
