@@ -14,6 +14,7 @@ class CacheConfig:
     name: str = ""  # cache folder under root; default: the teacher folder's name
     splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
     augment_dir: str = "work/augment"  # every <method>.parquet there becomes set "aug-<method>"
+    use_augmented: bool = True  # cache the augmented sets found in augment_dir
     augment_sets: list[str] = field(default_factory=list)  # empty: every set present
     cls_layers: str = "all"  # all | none | comma list (0 = embeddings)
     hidden_layers: str = "auto"  # auto = embeddings + 4 evenly spaced | none | comma list

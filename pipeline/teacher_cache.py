@@ -92,7 +92,7 @@ def gather_sets(run: RunConfig, data_dir: Path) -> list[tuple[str, pa.Table]]:
     """The splits asked for, then every augmented set present (set name aug-<method>)."""
     sets = [(split, load_split(data_dir, split)) for split in run.cache.splits]
     aug_dir = Path(run.cache.augment_dir)
-    if aug_dir.is_dir():
+    if aug_dir.is_dir() and run.cache.use_augmented:
         for path in sorted(aug_dir.glob("*.parquet")):
             if run.cache.augment_sets and path.stem not in run.cache.augment_sets:
                 continue
