@@ -28,7 +28,7 @@ from data.io import atomic_write_text  # noqa: E402
 from data.prepare import load_split, prepare  # noqa: E402
 from pipeline.run_config import RunConfig  # noqa: E402
 from pipeline.teacher import is_finetuned, finetune, load_classifier, pick_device  # noqa: E402
-from pipeline.teacher_cache import TeacherRunner, build_cache, resolve_layout  # noqa: E402
+from pipeline.teacher_cache import build_cache, resolve_layout  # noqa: E402
 
 
 def bare_forward(model, tokenizer, texts, max_length, batch_size, device, bucketed: bool) -> float:

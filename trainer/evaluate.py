@@ -1,12 +1,15 @@
 """Student evaluation: accuracy / macro-F1 from cache rows, size, CPU latency, the result table."""
 from __future__ import annotations
 
+import csv
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.io import atomic_write_text
 from data.metrics import classification_metrics
 from trainer.loader import CacheStream, StreamConfig
 
@@ -18,7 +21,7 @@ def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, ba
     stream = CacheStream(cache_dir, sets, fields, StreamConfig(batch_size=batch_size, shuffle=False), encode=encode)
     preds, labels, teacher = [], [], []
     for batch in stream:
-        out = model(_to(batch, device))
+        out = model(to_device(batch, device))
         preds.append(out.logits.argmax(-1).cpu().numpy())
         labels.append(batch["labels"].numpy())
         teacher.append(batch["teacher_logits"].argmax(-1).numpy())
@@ -30,7 +33,7 @@ def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, ba
     return metrics
 
 
-def _to(batch: dict, device) -> dict:
+def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -71,3 +74,35 @@ def result_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "" for _, k, f in COLUMNS) + " |"
              for r in results]
     return "\n".join([head, sep, *lines])
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    keys = sorted({k for h in history for k in h})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: list[dict], device) -> dict:
+    """Reload the best student as a user would and measure it on the test rows."""
+    from trainer.students import load_student
+
+    model = load_student(out / "best", device=str(device))
+    is_bert = run.student == "smallbert"
+    encode = None if is_bert else model.encode_texts
+    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if is_bert else ("logits",), encode,
+                    cache.num_labels, device)
+    result = {"run": run.name, "student": run.student, "loss": run.loss,
+              "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
+              "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+              "teacher_test_accuracy": test["teacher_accuracy"], "test_teacher_agreement": test["teacher_agreement"],
+              "params": count_parameters(model), "disk_mb": size_on_disk(out / "best") / 1e6,
+              "train_seconds": round(seconds, 1),
+              "epoch_seconds": round(float(np.mean([h["epoch_seconds"] for h in history])), 2) if history else None}
+    if cfg.measure_latency:
+        texts = cache.row_table([cfg.test_set], ["text"]).column("text").to_pylist()[:256]
+        result["latency_b1_ms"] = cpu_latency_ms(model, texts[:64], 1)
+        result["latency_b64_ms"] = cpu_latency_ms(model, texts, 64)
+    atomic_write_text(out / "result.json", json.dumps(result, indent=2))
+    return result

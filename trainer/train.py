@@ -6,13 +6,12 @@ JSON), a resumable checkpoint, metrics.jsonl/metrics.csv and its resolved config
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.config import from_dict, parse_cli, save_config
+from data.config import parse_cli, save_config
 from data.faults import crash_point
 from data.io import UserError, atomic_write_text, run_cli
 from pipeline.cache_reader import TeacherCache
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.evaluate import _to, count_parameters, cpu_latency_ms, evaluate, result_table, size_on_disk
+from trainer.evaluate import evaluate, finish_run, result_table, to_device, write_csv
 from trainer.distributed import barrier, broadcast_flag, join, wrap
 from trainer.distributed import setup as dist_setup
 from trainer.loader import CacheStream, StreamConfig
@@ -233,7 +232,7 @@ def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int
             pos = batch.pop("stream")
             if job.gold is not None:
                 batch["labels"] = _mask_labels(batch, job.gold)
-            batch = _to(batch, job.device)
+            batch = to_device(batch, job.device)
             try:
                 loss, parts = job.spec.fn(model(batch, want), batch, job.params, {"epoch": epoch, "step": global_step})
             except ValueError as e:  # the loss refuses this student / cache layout: one line, not a traceback
@@ -342,7 +341,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     if not lead:
         return None
     log.close()
-    _write_csv(out / "metrics.csv", history)
+    write_csv(out / "metrics.csv", history)
     return finish_run(run, cfg, cache, out, best, time.time() - t_start, history, device)
 
 
@@ -357,38 +356,6 @@ def _gold_ids(cache: TeacherCache, budget: int) -> set[str]:
 def _mask_labels(batch: dict, gold: set[str]) -> torch.Tensor:
     keep = torch.tensor([rid in gold for rid in batch["row_id"]])
     return torch.where(keep, batch["labels"], torch.full_like(batch["labels"], -100))
-
-
-def _write_csv(path: Path, history: list[dict]) -> None:
-    keys = sorted({k for h in history for k in h})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-
-
-def finish_run(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, out: Path, best, seconds, history, device) -> dict:
-    """Reload the best student as a user would and measure it on the test rows."""
-    from trainer.students import load_student
-
-    model = load_student(out / "best", device=str(device))
-    is_bert = run.student == "smallbert"
-    encode = None if is_bert else model.encode_texts
-    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if is_bert else ("logits",), encode,
-                    cache.num_labels, device)
-    result = {"run": run.name, "student": run.student, "loss": run.loss,
-              "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
-              "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-              "teacher_test_accuracy": test["teacher_accuracy"], "test_teacher_agreement": test["teacher_agreement"],
-              "params": count_parameters(model), "disk_mb": size_on_disk(out / "best") / 1e6,
-              "train_seconds": round(seconds, 1),
-              "epoch_seconds": round(float(np.mean([h["epoch_seconds"] for h in history])), 2) if history else None}
-    if cfg.measure_latency:
-        texts = cache.row_table([cfg.test_set], ["text"]).column("text").to_pylist()[:256]
-        result["latency_b1_ms"] = cpu_latency_ms(model, texts[:64], 1)
-        result["latency_b64_ms"] = cpu_latency_ms(model, texts, 64)
-    atomic_write_text(out / "result.json", json.dumps(result, indent=2))
-    return result
 
 
 def train_all(cfg: TrainConfig) -> list[dict]:
