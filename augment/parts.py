@@ -1,8 +1,10 @@
 """Chunked, resumable, deterministic output of one augmentation method.
 
-The input rows are cut into fixed chunks; each chunk becomes one part file (written
-atomically, then a JSON marker with its counts). A restarted run skips chunks whose
-marker exists, so an interrupted run resumes and yields the same bytes. Each source
+The input rows are cut into fixed chunks; each chunk becomes one part file, renamed into
+place when complete, with its counts in the Parquet metadata. A restarted run skips
+chunks whose part reads back whole, so an interrupted run resumes and yields the same
+bytes. Parts are a cache, not the result: they are not fsynced (a part torn by a power
+cut fails to read back and is recomputed); the combined file is. Each source
 row's random stream is seeded from (method, seed, row_id), never from worker order, and
 parts are combined in source order: the bytes do not depend on the number of workers.
 """
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from data.faults import crash_point
 from data.io import UserError, atomic_write_bytes, atomic_write_text, fsync_dir
-from data.rows import ROW_SCHEMA, read_rows, write_rows
+from data.rows import ROW_SCHEMA, read_rows
 
 
 @dataclass
@@ -109,6 +111,8 @@ def to_rows(chunk: pa.Table, s: Samples, method: str, prefix: str) -> pa.Table:
     }, schema=ROW_SCHEMA)
 
 
+PART_COUNTS = b"augment_counts"
+
 # One job per process: set before the pool forks (or passed to the initializer).
 _JOB: dict = {}
 
@@ -125,10 +129,27 @@ def _do_chunk(i: int) -> tuple[int, dict]:
     chunk = rows.slice(start, size)
     s = aug.process(chunk, start)
     counts = dict(s.counts, rows_in=chunk.num_rows, rows_out=len(s.text))
-    write_rows(to_rows(chunk, s, aug.name, prefix), parts / f"part-{i:05d}.parquet")
-    atomic_write_text(parts / f"part-{i:05d}.json", json.dumps(counts, sort_keys=True))
+    _write_part(to_rows(chunk, s, aug.name, prefix), counts, parts / f"part-{i:05d}.parquet")
     crash_point("augment-part-committed")
     return i, counts
+
+
+def _write_part(table: pa.Table, counts: dict, path: Path) -> None:
+    """Temp file + rename (no fsync: see the module note); counts travel in the metadata."""
+    table = table.replace_schema_metadata({PART_COUNTS: json.dumps(counts, sort_keys=True).encode()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _part_counts(path: Path) -> dict | None:
+    """The counts of a complete part; None when missing, torn or not ours (recompute it)."""
+    try:
+        meta = pq.read_metadata(path)
+        counts = json.loads((meta.metadata or {})[PART_COUNTS])
+        return counts if counts.get("rows_out") == meta.num_rows else None
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
 
 
 def _run_pool(todo: list[int], workers: int, job: dict, parts: Path):
@@ -156,9 +177,9 @@ def run_chunks(aug: Augmenter, rows: pa.Table, parts: Path, size: int, prefix: s
     n = max(1, -(-rows.num_rows // size))
     counts: dict[int, dict] = {}
     for i in range(n):
-        marker = parts / f"part-{i:05d}.json"
-        if marker.is_file() and (parts / f"part-{i:05d}.parquet").is_file():
-            counts[i] = json.loads(marker.read_text())
+        done = _part_counts(parts / f"part-{i:05d}.parquet")
+        if done is not None:
+            counts[i] = done
     todo = [i for i in range(n) if i not in counts]
     job = {"aug": aug, "rows": rows, "size": size, "parts": parts, "prefix": prefix}
     bar = tqdm(total=rows.num_rows, initial=sum(c["rows_in"] for c in counts.values()), unit="row",

@@ -8,7 +8,8 @@
 (b) Tang: a reference-style per-sentence Python loop (as castorini/d-bert augment_data.py)
     vs ours with 1 and 2 workers; input and output sentences per second, after tagging.
 
-`python bench/augment.py [tinybert_rows=200] [tang_rows=2000]` (both sides on one torch thread)
+`python bench/augment.py [tinybert_rows=200] [tang_rows=2000] [only=tang|tinybert]` (TinyBERT: both
+sides on one torch thread; `only` re-runs one section and keeps the other from the last results).
 writes bench/results/augment.json.
 """
 from __future__ import annotations
@@ -256,11 +257,15 @@ def main(argv: list[str]) -> int:
     if not (DATA / "train.parquet").is_file():
         print(f"error: {DATA}/train.parquet not found: run `python -m data.prepare max_rows=6000` first", file=sys.stderr)
         return 2
-    load_before = os.getloadavg()[0]
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-               "tang": bench_tang(tang_rows), "tinybert": bench_tinybert(tb_rows)}
-    results["machine"]["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    only = args.get("only", "")
     out = ROOT / "bench" / "results" / "augment.json"
+    results = json.loads(out.read_text()) if only and out.is_file() else {}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "load_average_1min_before": round(os.getloadavg()[0], 2)}
+    for name, fn in (("tang", lambda: bench_tang(tang_rows)), ("tinybert", lambda: bench_tinybert(tb_rows))):
+        if only in ("", name):
+            results[name] = dict(fn(), machine=dict(machine, load_average_1min_after=round(os.getloadavg()[0], 2)))
+    results.pop("machine", None)
     atomic_write_text(out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"written to {out}", file=sys.stderr)
