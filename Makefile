@@ -4,6 +4,7 @@ PY      := $(VENV)/bin/python
 CONFIG  ?= configs/cpu.yaml
 AUGMENT_CONFIG ?= configs/augment.yaml
 STUDENT_CONFIG ?= configs/student.yaml
+COMPARE_CONFIG ?= configs/compare.yaml
 ARGS    ?=
 STUDENT ?=
 LOSS    ?=
@@ -36,6 +37,9 @@ teacher-cache: assets      ## run the teacher once over splits + augmented sets 
 
 student: install           ## train students from a cache: make student STUDENT=bilstm LOSS=hinton CACHE=...
 	$(PY) -m trainer.train --config $(STUDENT_CONFIG) $(student_overrides) $(ARGS)
+
+compare: assets            ## every distillation method on the default corpus -> reports/compare.md, .png
+	$(PY) -m trainer.compare --config $(COMPARE_CONFIG) $(ARGS)
 
 demo: assets               ## the whole job on the embedded default, on CPU, in minutes
 	$(PY) -m pipeline.train_teacher --config $(CONFIG) --data-only

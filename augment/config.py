@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from data.config import ConfigError
+from data.io import UserError
 
 METHODS = ("tang", "tinybert")
 
@@ -48,6 +50,7 @@ class TinyBertParams:
     drop_special: bool = True  # drop [UNK]/[CLS]/... from MLM candidates (the reference keeps them)
     word_candidates: bool = True  # keep only alphabetic non-stop-word candidates (the reference keeps all but "##")
     protect_twitter: bool = True  # leave words inside URLs, @mentions and #hashtags alone
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N; where, not what: not in provenance
 
 
 @dataclass
@@ -91,13 +94,29 @@ class AugmentConfig:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         if b.mlm_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"tinybert.mlm_dtype: {b.mlm_dtype!r} is not float32 or bfloat16")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", b.device):
+            raise ConfigError(f"tinybert.device: {b.device!r} is not auto, cpu, cuda or cuda:N")
         if t.tokenizer not in ("tweet", "treebank", "wordpunct"):
             raise ConfigError(f"tang.tokenizer: {t.tokenizer!r} is not tweet, treebank or wordpunct")
         if t.tagger not in ("auto", "nltk", "textblob"):
             raise ConfigError(f"tang.tagger: {t.tagger!r} is not auto, nltk or textblob")
 
 
-OPERATIONAL = {"mlm_dir"}  # where, not what: kept out of provenance
+OPERATIONAL = {"mlm_dir", "device"}  # where, not what: kept out of provenance (CPU output bytes never change)
+
+
+def resolve_device(device: str) -> str:
+    """tinybert.device as a torch device string: "auto" = cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UserError(f"tinybert.device: {device} requested but torch sees "
+                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} GPU(s); use auto or cpu")
+    return device
 
 
 def method_params(cfg: AugmentConfig, method: str) -> dict:

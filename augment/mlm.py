@@ -182,7 +182,8 @@ class BatchedMLM:
     input; the tokenizer's own pair template for other models). Items are sorted by
     length and padded per batch; only the masked position's hidden state goes through
     the prediction head. Results do not depend on which items share a batch (padding is
-    masked out), up to float noise.
+    masked out), up to float noise. Inputs go to the model's device (CPU or a GPU); the
+    top-K ids come back to the CPU.
     """
 
     def __init__(self, model, tokenizer, *, batch: int = 256, max_length: int = 512, drop_special: bool = True):
@@ -246,7 +247,7 @@ class BatchedMLM:
         heads = cfg.num_attention_heads
         dh = cfg.hidden_size // heads
         sa = last.attention.self
-        x = h[torch.arange(b), pos]
+        x = h[torch.arange(b, device=h.device), pos]
         q = sa.query(x).view(b, heads, 1, dh)
         k = sa.key(h).view(b, n, heads, dh).transpose(1, 2)
         v = sa.value(h).view(b, n, heads, dh).transpose(1, 2)
@@ -263,6 +264,7 @@ class BatchedMLM:
         out: list[list[str] | None] = [None] * len(items)
         order = sorted((i for i, b in enumerate(built) if b is not None), key=lambda i: (len(built[i][0]), i))
         pad = self.tok.pad_token_id or 0
+        dev = next(self.model.parameters()).device
         with torch.inference_mode():
             for s in range(0, len(order), self.batch):
                 group = order[s : s + self.batch]
@@ -275,9 +277,10 @@ class BatchedMLM:
                     ids[r, : len(x)] = torch.tensor(x)
                     types[r, : len(t)] = torch.tensor(t)
                     att[r, : len(x)] = 1
-                pos = torch.tensor([built[i][2] for i in group])
+                ids, types, att = ids.to(dev), types.to(dev), att.to(dev)
+                pos = torch.tensor([built[i][2] for i in group], device=dev)
                 kw = {"token_type_ids": types} if self.use_types else {}
-                rows = torch.arange(len(group))
+                rows = torch.arange(len(group), device=dev)
                 if self.bert_like:
                     logits = self.head(self.masked_states(ids, att, pos, kw))
                 elif self.head is not None:
@@ -285,7 +288,7 @@ class BatchedMLM:
                     logits = self.head(hidden[rows, pos])
                 else:  # an MLM class without a known head attribute: full logits, then gather
                     logits = self.model(input_ids=ids, attention_mask=att, **kw).logits[rows, pos]
-                top = torch.topk(logits.float(), k, dim=-1).indices.tolist()
+                top = torch.topk(logits.float(), k, dim=-1).indices.cpu().tolist()
                 for r, i in enumerate(group):
                     out[i] = [w for w in (self._string(j) for j in top[r]) if w]
         return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from augment.config import TinyBertParams
+from augment.config import TinyBertParams, resolve_device
 from augment.glove import NeighbourTable
 from augment.mlm import BatchedMLM, ensure_minilm_mlm, load_mlm, quiet_transformers
 from augment.parts import Samples, row_seed
@@ -54,11 +54,14 @@ def match_case(original: str, word: str) -> str:
     return word
 
 
-def _one_thread(fn, *args):
+def _one_thread(fn, *args, device: str = "cpu"):
     """Run with one torch thread: float results, hence candidates, never depend on `workers`
-    (parallelism comes from worker processes). The caller's thread setting is restored."""
+    (parallelism comes from worker processes). The caller's thread setting is restored.
+    On a GPU the MLM's floats do not depend on CPU threads and there are no workers: left as is."""
     import torch
 
+    if device != "cpu":
+        return fn(*args)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -78,6 +81,10 @@ class TinyBertAugmenter:
         self.glove = None if params.glove == "none" else NeighbourTable(params.glove, params.glove_vocab, params.k, cache_dir)
         self.mlm: BatchedMLM | None = None
         self.model_name = self.mlm_id = ""
+        # The MLM runs on one device. On a GPU every chunk runs in this process (one CUDA
+        # context; spawned workers would each load the model onto the same GPU).
+        self.device = resolve_device(params.device)
+        self.parallel = self.device == "cpu"
 
     def __getstate__(self) -> dict:
         """What a worker process needs: the model is reloaded there, not sent through a pipe."""
@@ -91,6 +98,8 @@ class TinyBertAugmenter:
         self.mlm_id = self.mlm_id or mlm_id
         if self.p.mlm_dtype == "bfloat16":
             model = model.to(torch.bfloat16)
+        if self.device != "cpu":
+            model = model.to(self.device)
         self.mlm = BatchedMLM(model, tok, batch=self.p.batch, max_length=self.p.max_length,
                               drop_special=self.p.drop_special)
 
@@ -110,6 +119,8 @@ class TinyBertAugmenter:
         quiet_transformers()
         self.model_name = self._model_name()  # builds minilm-mlm once (all cores) when it is missing
         self._load()
+        if self.device != "cpu" and self.log:
+            self.log(f"tinybert: MLM on {self.device}; chunks run in this process (no worker processes)")
         glove_id = "none"
         if self.glove is not None:
             words = {w.norm for ws, _ in self.segment(rows.column("text").to_pylist()) for w in ws
@@ -161,7 +172,7 @@ class TinyBertAugmenter:
                     nn = self.glove.get(w.norm) if w.norm in self.glove.table else self._glove_late(w.norm)
                     counts["glove_words" if nn else "glove_missing_words"] += 1
                     cands[n][m] = self._keep(nn)
-        for (n, m), got in zip(where, _one_thread(self.mlm.topk, items, self.p.k)):
+        for (n, m), got in zip(where, _one_thread(self.mlm.topk, items, self.p.k, device=self.device)):
             counts["mlm_words" if got is not None else "mlm_word_beyond_max_length"] += 1
             cands[n][m] = self._keep(got or [])
         return [(seg[n][0], cands[n]) for n in range(len(texts))]

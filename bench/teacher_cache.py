@@ -6,7 +6,7 @@ Measures on the same model and rows:
   * bytes per row of the cache vs a naive fp32 dump padded to max_length of every layer
 Writes bench/results/teacher_cache.json and prints it.
 
-    python bench/teacher_cache.py [rows=1024] [config=configs/cpu.yaml] [key=value ...]
+    python bench/teacher_cache.py [rows=1024] [config=configs/cpu.yaml] [out=FILE.json] [key=value ...]
 """
 from __future__ import annotations
 
@@ -68,8 +68,9 @@ def cache_bytes(cache_dir: Path) -> int:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a.split("=", 1) for a in argv if "=" in a and a.split("=", 1)[0] in ("rows", "config"))
-    rest = [a for a in argv if a.split("=", 1)[0] not in ("rows", "config")]
+    own = ("rows", "config", "out")
+    opts = dict(a.split("=", 1) for a in argv if "=" in a and a.split("=", 1)[0] in own)
+    rest = [a for a in argv if a.split("=", 1)[0] not in own]
     rows = int(opts.get("rows", 1024))
     run = load_config(RunConfig, opts.get("config", REPO / "configs/cpu.yaml"), rest)
     if not is_finetuned(run.teacher.out_dir):  # timing only: a briefly fine-tuned teacher will do
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> None:
     results["bytes_ratio_naive_over_full_cache"] = naive / results["cache_att4_hidden5_values_bytes_per_row"]
     results["targets"] = {"cache_logits_cls_vs_bare": ">= 0.8 (GPU, MPNet)", "cache_att4_vs_bare": ">= 0.5 (GPU, MPNet)",
                           "bucketing_speedup": ">= 2", "bytes_ratio_naive_over_full_cache": ">= 20"}
-    out = REPO / "bench" / "results" / f"teacher_cache_{results['device'].split(':')[0]}.json"
+    out = Path(opts.get("out") or REPO / "bench" / "results" / f"teacher_cache_{results['device'].split(':')[0]}.json")
     atomic_write_text(out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"written to {out}")

@@ -68,7 +68,7 @@ class ShardReader:
             d = len(self.layout.cls_layers)
             out["cls"] = _fixed_list_numpy(self._column("cls", start, stop), np.float16).reshape(n, d, -1)
         if "input_ids" in fields:
-            out["input_ids"] = [np.asarray(x, np.int64) for x in self._column("input_ids", start, stop).to_pylist()]
+            out["input_ids"] = _list_numpy(self._column("input_ids", start, stop), np.int64) if n > 0 else []
         lengths = out["length"]
         for name, offsets_col, per_row in (("hidden", "tok_offset", lambda L: L), ("values", "tok_offset", lambda L: L),
                                            ("attention", "att_offset", lambda L: L * L)):
@@ -84,6 +84,14 @@ class ShardReader:
                 rows = [r.reshape(L, L, *r.shape[1:]).transpose(2, 3, 0, 1) for r, L in zip(rows, lengths)]
             out[name] = rows
         return out
+
+
+def _list_numpy(col: pa.ChunkedArray, dtype) -> list[np.ndarray]:
+    """A list<...> column as one array per row (views into one converted buffer, no Python ints)."""
+    col = col.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    offsets = col.offsets.to_numpy()
+    return np.split(flat, offsets[1:-1] - offsets[0])
 
 
 def _fixed_list_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:

@@ -106,8 +106,9 @@ def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
     meta = load_meta(data_dir)
     train, dev = load_split(data_dir, "train"), load_split(data_dir, "dev")
     train = train.filter(train.column("label").is_valid())
-    if cfg.max_train_rows:
-        train = train.slice(0, cfg.max_train_rows)
+    if cfg.max_train_rows and cfg.max_train_rows < train.num_rows:  # a seeded sample, not the first rows
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(train.num_rows, cfg.max_train_rows, replace=False))
+        train = train.take(keep)
     if train.num_rows == 0:
         raise UserError(f"{data_dir}: no labelled train rows to fine-tune the teacher on")
     device = pick_device(cfg.device)

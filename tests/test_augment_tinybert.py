@@ -177,3 +177,46 @@ def test_last_layer_at_the_mask_only_equals_the_full_forward(env):
     finally:
         mlm.bert_like = True
     assert fast == full
+
+
+def test_device_option_is_validated_resolved_and_kept_out_of_provenance(env, monkeypatch):
+    import torch
+
+    from augment.config import method_params, resolve_device
+    from data.config import ConfigError
+
+    for bad in ("gpu", "cuda:x", "CPU", "cuda:0:1"):
+        with pytest.raises(ConfigError, match="tinybert.device") as e:
+            AugmentConfig(tinybert=TinyBertParams(device=bad))
+        assert "\n" not in str(e.value)
+    for ok in ("auto", "cpu", "cuda", "cuda:1"):
+        AugmentConfig(tinybert=TinyBertParams(device=ok))
+    assert "device" not in method_params(AugmentConfig(), "tinybert"), "where, not what: never in the rows"
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert env["aug"].parallel == (env["aug"].device == "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="tinybert.device: cuda:1 requested"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = TinyBertAugmenter(TinyBertParams(device="auto", glove="none"), seed=7, cache_dir=env["root"] / "cache",
+                            data_dir=env["data"])
+    assert gpu.device == "cuda" and not gpu.parallel, "on a GPU chunks run in the one process holding the model"
+
+
+def test_cpu_and_auto_give_the_same_bytes_on_a_cpu_machine(env, tmp_path):
+    import dataclasses
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto means cuda here: candidates may differ from the CPU's by float noise")
+    outs = []
+    for device in ("cpu", "auto"):
+        cfg = AugmentConfig(data_dir=str(env["data"]), methods=["tinybert"], out_dir=str(tmp_path / device),
+                            tinybert=dataclasses.replace(env["params"], device=device),
+                            cache_dir=str(env["root"] / "cache"), chunk_rows=4, progress=False, max_rows=8)
+        augment(cfg)
+        outs.append((tmp_path / device / "tinybert.parquet").read_bytes())
+    assert outs[0] == outs[1]

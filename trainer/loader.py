@@ -133,7 +133,8 @@ class CacheStream(IterableDataset):
         for name, start, stop in window:
             block = self._cache.reader(name).read(start, stop, self.fields)
             keys = list(block)
-            rows.extend({k: block[k][i] for k in keys} for i in range(stop - start))
+            # one dict per row, values block[k][i]: zip over the columns (lists, or arrays row by row)
+            rows.extend(dict(zip(keys, values)) for values in zip(*block.values()))
         return rows
 
     def _collate(self, rows: list[dict], consumer: int, done: int) -> dict:
@@ -167,9 +168,7 @@ def collate(rows: list[dict], fields, layout: dict) -> dict:
              "layout": layout}
     lengths = [r["length"] for r in rows]
     L = max(lengths)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = True
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
     batch["teacher_mask"] = mask
     if "logits" in fields:
         batch["teacher_logits"] = torch.from_numpy(np.stack([r["logits"] for r in rows]))
@@ -184,14 +183,14 @@ def collate(rows: list[dict], fields, layout: dict) -> dict:
         if name in fields:  # hidden (len, n, d) -> (B, n, L, d); values (len, d) -> (B, L, d)
             first = rows[0][name]
             out = torch.zeros(B, L, *first.shape[1:])
-            for i, r in enumerate(rows):
-                out[i, : lengths[i]] = torch.from_numpy(r[name].astype(np.float32))
+            for i, r in enumerate(rows):  # the fp16 block is cast to fp32 by the copy
+                out[i, : lengths[i]] = torch.from_numpy(r[name])
             batch[key] = out.transpose(1, 2).contiguous() if name == "hidden" else out
     if "attention" in fields:  # (n, H, len, len) -> (B, n, H, L, L), zero outside the valid block
         n, H = rows[0]["attention"].shape[:2]
         out = torch.zeros(B, n, H, L, L)
         for i, r in enumerate(rows):
-            out[i, :, :, : lengths[i], : lengths[i]] = torch.from_numpy(r["attention"].astype(np.float32))
+            out[i, :, :, : lengths[i], : lengths[i]] = torch.from_numpy(r["attention"])
         batch["teacher_attention"] = out
     return batch
 
