@@ -26,6 +26,7 @@ $PY bench/teacher_cache.py rows="$ROWS" config=configs/gpu.yaml teacher.checkpoi
     teacher.out_dir=work/gpu/teacher-minilm teacher.max_train_rows=512 teacher.epochs=1 \
     out="$RESULTS/teacher_cache_gpu_minilm.json"
 
+[ -n "${SKIP_AUGMENT:-}" ] && exit 0
 # 3. TinyBERT augmentation: reference loop vs batched MLM (MLM candidates; GloVe is a CPU-side table)
 $PY -m pipeline.train_teacher --config configs/cpu.yaml --data-only
 for size in minilm base; do

@@ -182,7 +182,15 @@ class TeacherRunner:
                 0, 2, 3, 4, 1).half()
         if lay.values_layer is not None:
             result["values"] = cap.values.half()
-        return {k: v.to("cpu", non_blocking=True) for k, v in result.items()}
+        if self.device.type != "cuda":
+            return {k: v.to("cpu") for k, v in result.items()}
+        # device->host copies into pinned buffers, left running: the writer thread waits on the event
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                for k, v in result.items()}
+        done = torch.cuda.Event()
+        done.record()
+        host["_copied"] = done
+        return host
 
 
 def _token_types(input_ids: torch.Tensor, sep_id: int | None) -> torch.Tensor:
@@ -194,7 +202,10 @@ def _token_types(input_ids: torch.Tensor, sep_id: int | None) -> torch.Tensor:
 
 
 def _split_batch(buf: ShardBuffer, rows: list[dict], out: dict) -> None:
-    """Per-row numpy arrays of the valid block only."""
+    """Per-row numpy arrays of the valid block only (after the batch's device->host copy is done)."""
+    copied = out.pop("_copied", None)
+    if copied is not None:
+        copied.synchronize()
     np_out = {k: v.numpy() for k, v in out.items()}
     for i, row in enumerate(rows):
         L = row["length"]
