@@ -115,6 +115,7 @@ class CacheWriter:
     def __init__(self, cache_dir: Path, manifest: Manifest):
         self.dir = Path(cache_dir)
         self.manifest = manifest
+        self.set_order: list[str] = []  # this run's sets, in run order (see merge_records)
         (self.dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
     def records(self) -> dict[str, ShardInfo]:
@@ -127,14 +128,23 @@ class CacheWriter:
         return out
 
     def merge_records(self) -> int:
-        """List every committed shard in the manifest (plan order kept: set, then index)."""
+        """List every committed shard in the manifest, in a canonical order: set, then index.
+
+        Sets keep the order they first entered the manifest (`set_order` declares this run's
+        sets up front), so the order does not depend on which shard finished first, on how
+        many ranks or commit threads wrote them, or on where an interrupted run stopped.
+        """
+        for name in self.set_order:
+            self.manifest.sets.setdefault(name, {"rows": 0})
         listed = {s.name for s in self.manifest.shards}
         new = [r for name, r in self.records().items() if name not in listed]
-        for info in sorted(new, key=lambda r: r.name):
+        for info in new:
             self.manifest.shards.append(info)
             entry = self.manifest.sets.setdefault(info.set, {"rows": 0})
             entry["rows"] = entry.get("rows", 0) + info.rows
         if new:
+            rank = {name: i for i, name in enumerate(self.manifest.sets)}
+            self.manifest.shards.sort(key=lambda s: (rank[s.set], s.name))
             self.manifest.save(self.dir)
         return len(new)
 

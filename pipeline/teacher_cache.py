@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -220,11 +221,29 @@ def _split_batch(buf: ShardBuffer, rows: list[dict], out: dict) -> None:
 
 
 class WriterThread(threading.Thread):
-    """Consumes (buffer, rows, outputs) and ('commit', buffer) items; errors surface on join."""
+    """Consumes (buffer, rows, outputs) and ('commit', buffer) items; errors surface on join.
 
-    def __init__(self, writer: CacheWriter, maxsize: int, merge: bool):
+    Shard commits (compression, checksums, fsync) run on a small pool so that a GPU that
+    outpaces one compressing thread is not held back; each shard's files are its own, and
+    only the manifest merge is serialised. At most `commit_threads` shards are in flight.
+    """
+
+    def __init__(self, writer: CacheWriter, maxsize: int, merge: bool, commit_threads: int = 1):
         super().__init__(daemon=True)
         self.writer, self.q, self.merge, self.error = writer, queue.Queue(maxsize), merge, None
+        self.pool = ThreadPoolExecutor(max(1, commit_threads), thread_name_prefix="shard-commit")
+        self.slots = threading.Semaphore(max(1, commit_threads))
+        self.merge_lock = threading.Lock()
+        self.pending: list[Future] = []
+
+    def _commit(self, buf: ShardBuffer) -> None:
+        try:
+            self.writer.commit(buf, merge=False)
+            if self.merge:
+                with self.merge_lock:
+                    self.writer.merge_records()
+        finally:
+            self.slots.release()
 
     def run(self) -> None:
         while (item := self.q.get()) is not None:
@@ -232,11 +251,18 @@ class WriterThread(threading.Thread):
                 continue
             try:
                 if item[0] == "commit":
-                    self.writer.commit(item[1], merge=self.merge)
+                    self.slots.acquire()  # bounded memory: wait for a free commit slot
+                    self.pending.append(self.pool.submit(self._commit, item[1]))
                 else:
                     _split_batch(*item)
+                self._check()
             except BaseException as e:  # surfaced in the main thread
                 self.error = e
+
+    def _check(self) -> None:
+        for f in [f for f in self.pending if f.done()]:
+            self.pending.remove(f)
+            f.result()
 
     def put(self, item) -> None:
         if self.error is not None:
@@ -246,6 +272,12 @@ class WriterThread(threading.Thread):
     def finish(self) -> None:
         self.q.put(None)
         self.join()
+        self.pool.shutdown(wait=True)
+        if self.error is None:
+            try:
+                self._check()
+            except BaseException as e:
+                self.error = e
         if self.error is not None:
             raise self.error
 
@@ -284,6 +316,7 @@ def build_cache(run: RunConfig) -> dict:
     model.to(device).eval()
     writer = open_cache(run, model, teacher_dir, meta)
     sets = gather_sets(run, data_dir)
+    writer.set_order = [name for name, _ in sets]
     tables = {name: t for name, t in sets}
     before = {k: len(v) for k, v in cached_ids(writer.dir, Manifest.load(writer.dir)).items()}
     runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16)
@@ -328,7 +361,8 @@ def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConf
             break
         removed += len(writer.remove_unfinished(set(mine)))
         bar.total = (bar.total or 0) + sum(len(rows_of(plan, n)) for n in mine)
-        thread = WriterThread(writer, run.cache.writer_queue, merge=world == 1)
+        thread = WriterThread(writer, run.cache.writer_queue, merge=world == 1,
+                              commit_threads=run.cache.commit_threads)
         thread.start()
         try:
             for name in mine:
