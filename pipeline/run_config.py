@@ -30,6 +30,7 @@ class CacheConfig:
     commit_threads: int = 2  # shards compressed and written at once (raise it on a many-core GPU host)
     rank: int = -1  # -1: torchrun's RANK (0 alone); set it to resume one rank of a multi-rank job alone
     world_size: int = 0  # 0: torchrun's WORLD_SIZE (1 alone)
+    push_to: str = ""  # fsspec URL (s3://bucket/x, ...): after a complete build, push the cache there (manifest last)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pipeline.attention_capture import AttentionCapture
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  save_plan)
 from pipeline.cache_schema import MANIFEST, FieldLayout, Manifest, TeacherInfo, arrow_path
+from pipeline.cache_sync import check_target, push_built
 from pipeline.cache_writer import CacheWriter, ShardBuffer
 from pipeline.run_config import RunConfig, evenly_spaced, parse_layers
 from pipeline.teacher import finetune, is_finetuned, load_classifier, pick_device
@@ -301,6 +302,7 @@ def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWri
 def build_cache(run: RunConfig) -> dict:
     """Cache every row of the chosen sets not cached yet; this process's share under torchrun."""
     rank, world = rank_and_world(run.cache.rank, run.cache.world_size)
+    check_target(run.cache.push_to)  # a missing fsspec backend fails now, not after the teacher ran
     data_dir = Path(run.data.out_dir)
     if not (data_dir / "meta.json").is_file():
         prepare(run.data)
@@ -342,12 +344,14 @@ def build_cache(run: RunConfig) -> dict:
         print(f"resumed: removed {removed} unfinished shard file(s) of an interrupted run")
     manifest = writer.manifest
     save_config(run, writer.dir, "run_config.json")
+    pending = load_plan(writer.dir) is not None
+    push_built(run.cache.push_to, writer.dir, pending)  # cache.push_to: upload, manifest last
     return {"cache": str(writer.dir), "rank": rank, "world_size": world,
             "sets": {n: {"rows_in": t.num_rows, "already_cached": before.get(n, 0),
                          "cached_now": manifest.sets.get(n, {}).get("rows", 0)} for n, t in sets},
             "rows_written": written, "truncated": truncated, "seconds": round(seconds, 2),
             "rows_per_s": round(written / seconds, 1) if written else None, "shards": len(manifest.shards),
-            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": load_plan(writer.dir) is not None}
+            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": pending}
 
 
 def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConfig, bar) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from data.config import parse_cli, save_config
 from data.faults import crash_point
 from data.io import UserError, atomic_write_text, run_cli
 from pipeline.cache_reader import TeacherCache
+from pipeline.cache_sync import local_cache_path, open_cache
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate, finish_run, result_table, to_device, write_csv
 from trainer.distributed import barrier, broadcast_flag, join, wrap
@@ -81,6 +82,12 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def local_caches(cfg: TrainConfig) -> TrainConfig:
+    """`cache`/`cache2` given as URLs (s3://bucket/x, ...) become verified local mirrors; paths stay."""
+    return replace(cfg, cache=str(local_cache_path(cfg.cache)),
+                   cache2=str(local_cache_path(cfg.cache2)) if cfg.cache2 else "")
 
 
 def plan_runs(cfg: TrainConfig) -> list[RunSpec]:
@@ -266,7 +273,8 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     np.random.seed(cfg.seed)
     rank, world, device = dist_setup(_device(cfg.device))
     lead = rank == 0
-    cache = TeacherCache(cfg.cache)
+    cfg = local_caches(cfg)  # a no-op for local paths (train_all has pulled URLs already)
+    cache = open_cache(cfg.cache)
     sets = train_sets(cfg, cache)
     stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
     specs = [get_loss(st.loss) for st in stages]
@@ -359,7 +367,8 @@ def _mask_labels(batch: dict, gold: set[str]) -> torch.Tensor:
 
 
 def train_all(cfg: TrainConfig) -> list[dict]:
-    results = [train_run(run, cfg) for run in plan_runs(cfg)]
+    local = local_caches(cfg)  # pull remote caches once for every run
+    results = [train_run(run, local) for run in plan_runs(cfg)]
     if results and results[0] is None:  # not rank 0: rank 0 writes the table
         return []
     out = Path(cfg.out_dir)
