@@ -5,7 +5,7 @@ checkpoint in transit, so `bench/teacher_cache.py` there times an all-mpnet-base
 (or MiniLM-shaped) encoder with random weights. Throughput depends on the shapes only;
 no accuracy figure is ever taken from such a model.
 
-    python bench/random_teacher.py OUT_DIR [shape=mpnet-base|minilm] [tokenizer=DIR]
+    python bench/random_teacher.py OUT_DIR [shape=mpnet-base|minilm|tiny] [tokenizer=DIR]
 
 The tokenizer folder (vocab.txt, tokenizer.json, ...) is copied beside the weights; by
 default the shipped MiniLM's (a BERT WordPiece vocabulary; MPNet's has 5 more ids).
@@ -24,6 +24,9 @@ SHAPES = {  # the published configs of the two default teachers
                        relative_attention_num_buckets=32, layer_norm_eps=1e-5, pad_token_id=1),
     "minilm": dict(model_type="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                    num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),
+    # next to no arithmetic: what the caching pass costs besides the teacher (its ceiling on this host)
+    "tiny": dict(model_type="bert", vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=128, max_position_embeddings=512),
 }
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -36,31 +36,42 @@ def _codec(name: str):
 
 
 class ShardBuffer:
-    """Rows of one shard as they come out of the teacher, in per-row numpy arrays."""
+    """Rows of one shard as they come out of the teacher, batch by batch.
+
+    Row-level fields are kept as columns and logits/[CLS] as per-batch arrays (no per-row
+    Python objects on the writer's path); the ragged tensors as per-row valid blocks.
+    """
 
     def __init__(self, name: str, set_name: str):
         self.name, self.set = name, set_name
-        self.rows: list[dict] = []
-        self.hidden: list[np.ndarray] = []  # (len, n_layers, d)
-        self.attention: list[np.ndarray] = []  # (len², n_layers, H)
-        self.values: list[np.ndarray] = []  # (len, d)
+        self.columns: dict[str, list] = {}  # row_id, split, text, ..., length, input_ids
+        self.logits: list[np.ndarray] = []  # (B, num_labels) per batch
+        self.cls: list[np.ndarray] = []  # (B, n_layers * d) per batch
+        self.hidden: list[np.ndarray] = []  # (len, n_layers, d) per row
+        self.attention: list[np.ndarray] = []  # (len², n_layers, H) per row
+        self.values: list[np.ndarray] = []  # (len, d) per row
 
-    def add(self, row: dict, hidden=None, attention=None, values=None) -> None:
-        self.rows.append(row)
-        if hidden is not None:
-            self.hidden.append(hidden)
-        if attention is not None:
-            self.attention.append(attention)
-        if values is not None:
-            self.values.append(values)
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns.get("row_id", ()))
+
+    def add_batch(self, columns: dict[str, list], logits: np.ndarray, cls: np.ndarray | None = None,
+                  hidden=(), attention=(), values=()) -> None:
+        for key, column in columns.items():
+            self.columns.setdefault(key, []).extend(column)
+        self.logits.append(logits)
+        if cls is not None:
+            self.cls.append(cls)
+        self.hidden.extend(hidden)
+        self.attention.extend(attention)
+        self.values.extend(values)
 
 
 def _arrow_table(buf: ShardBuffer, layout: FieldLayout, num_labels: int) -> pa.Table:
-    rows = buf.rows
-    lengths = np.array([r["length"] for r in rows], np.int64)
-    tok_off = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(rows) else lengths
-    att_off = np.concatenate([[0], np.cumsum(lengths**2)[:-1]]) if len(rows) else lengths
-    cls_width = len(rows[0]["cls"]) if layout.cls_layers else 0
+    lengths = np.asarray(buf.columns["length"], np.int64)
+    tok_off = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    att_off = np.concatenate([[0], np.cumsum(lengths**2)[:-1]])
+    cls_width = buf.cls[0].shape[1] if layout.cls_layers else 0
     schema = row_columns(num_labels, cls_width)
     cols = {}
     for f in schema:
@@ -69,11 +80,11 @@ def _arrow_table(buf: ShardBuffer, layout: FieldLayout, num_labels: int) -> pa.T
         elif f.name == "att_offset":
             cols[f.name] = pa.array(att_off, pa.int64())
         elif f.name in ("logits", "cls"):
-            flat = np.concatenate([np.asarray(r[f.name]) for r in rows]).astype(
-                np.float32 if f.name == "logits" else np.float16)
+            flat = np.concatenate(getattr(buf, f.name)).astype(
+                np.float32 if f.name == "logits" else np.float16, copy=False).reshape(-1)
             cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), f.type.list_size)
         else:
-            cols[f.name] = pa.array([r[f.name] for r in rows], f.type)
+            cols[f.name] = pa.array(buf.columns[f.name], f.type)
     return pa.Table.from_pydict(cols, schema=schema)
 
 
@@ -180,8 +191,7 @@ class CacheWriter:
         tmp_arrow.replace(final_arrow)
         fsync_dir(final_arrow.parent)
         crash_point("shard-files-in-place")
-        info = ShardInfo(name=buf.name, set=buf.set, rows=len(buf.rows),
-                         tokens=int(sum(r["length"] for r in buf.rows)),
+        info = ShardInfo(name=buf.name, set=buf.set, rows=buf.num_rows, tokens=int(sum(buf.columns["length"])),
                          arrow_sha256=sha256_file(final_arrow), zarr_sha256=zarr_sum)
         atomic_write_text(record_path(self.dir, buf.name), json.dumps(asdict(info)))
         crash_point("shard-recorded")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import queue
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,6 @@ from data.config import parse_cli, save_config
 from data.io import UserError, run_cli
 from data.prepare import load_meta, load_split, prepare
 from data.rows import read_rows, table_fingerprint
-from pipeline.attention_capture import AttentionCapture
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  save_plan)
 from pipeline.cache_schema import MANIFEST, FieldLayout, Manifest, TeacherInfo, arrow_path
@@ -34,6 +31,7 @@ from pipeline.cache_sync import check_target, push_built
 from pipeline.cache_writer import CacheWriter, ShardBuffer
 from pipeline.run_config import RunConfig, evenly_spaced, parse_layers
 from pipeline.teacher import finetune, is_finetuned, load_classifier, pick_device
+from pipeline.teacher_runner import TeacherRunner, WriterThread
 
 
 def _hash_files(paths) -> str:
@@ -140,149 +138,6 @@ def current_plan(writer: CacheWriter, sets: list[tuple[str, pa.Table]], shard_ro
         return plan
 
 
-class TeacherRunner:
-    """Tokenise, batch by length, forward with capture, hand CPU tensors to the writer."""
-
-    def __init__(self, model, tokenizer, layout: FieldLayout, max_length: int, device, bf16: bool):
-        self.model, self.tok, self.layout, self.max_length = model, tokenizer, layout, max_length
-        self.device, self.bf16 = device, bf16 and device.type == "cuda"
-        self.tok.padding_side = "right"
-        self.capture = AttentionCapture(model, layers=layout.attention_layers, values_layer=layout.values_layer)
-        self.need_hidden = bool(layout.cls_layers or layout.hidden_layers)
-
-    def tokenize(self, table: pa.Table) -> tuple[list[list[int]], list[bool]]:
-        texts, texts_b = table.column("text").to_pylist(), table.column("text_b").to_pylist()
-        pairs = texts_b if any(t is not None for t in texts_b) else None
-        full = self.tok(texts, pairs, truncation=False, verbose=False)["input_ids"]
-        truncated = [len(ids) > self.max_length for ids in full]
-        if any(truncated):
-            cut = self.tok(texts, pairs, truncation=True, max_length=self.max_length)["input_ids"]
-            full = [c if t else f for f, c, t in zip(full, cut, truncated)]
-        return full, truncated
-
-    @torch.inference_mode()
-    def forward(self, ids: list[list[int]]) -> dict:
-        L = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), L), self.tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(ids), L), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if "token_type_ids" in self.tok.model_input_names:
-            inputs["token_type_ids"] = _token_types(input_ids, self.tok.sep_token_id).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self.capture as cap:
-            out = self.model(**inputs, output_hidden_states=self.need_hidden)
-        lay = self.layout
-        result = {"logits": out.logits.float()}
-        if lay.cls_layers:
-            result["cls"] = torch.stack([out.hidden_states[l][:, 0] for l in lay.cls_layers], 1).half()
-        if lay.hidden_layers:
-            result["hidden"] = torch.stack([out.hidden_states[l] for l in lay.hidden_layers], 2).half()
-        if lay.attention_layers:  # (B, H, L, L) per layer -> (B, L, L, n_layers, H)
-            result["attention"] = torch.stack([cap.scores[l] for l in lay.attention_layers], -1).permute(
-                0, 2, 3, 4, 1).half()
-        if lay.values_layer is not None:
-            result["values"] = cap.values.half()
-        if self.device.type != "cuda":
-            return {k: v.to("cpu") for k, v in result.items()}
-        # device->host copies into pinned buffers, left running: the writer thread waits on the event
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                for k, v in result.items()}
-        done = torch.cuda.Event()
-        done.record()
-        host["_copied"] = done
-        return host
-
-
-def _token_types(input_ids: torch.Tensor, sep_id: int | None) -> torch.Tensor:
-    """Segment ids for pairs: 1 after the first [SEP]."""
-    if sep_id is None:
-        return torch.zeros_like(input_ids)
-    is_sep = (input_ids == sep_id).long()
-    return ((torch.cumsum(is_sep, 1) - is_sep) > 0).long()
-
-
-def _split_batch(buf: ShardBuffer, rows: list[dict], out: dict) -> None:
-    """Per-row numpy arrays of the valid block only (after the batch's device->host copy is done)."""
-    copied = out.pop("_copied", None)
-    if copied is not None:
-        copied.synchronize()
-    np_out = {k: v.numpy() for k, v in out.items()}
-    for i, row in enumerate(rows):
-        L = row["length"]
-        row["logits"] = np_out["logits"][i]
-        if "cls" in np_out:
-            row["cls"] = np_out["cls"][i].reshape(-1)
-        buf.add(row,
-                hidden=np_out["hidden"][i, :L] if "hidden" in np_out else None,
-                attention=np_out["attention"][i, :L, :L].reshape(L * L, *np_out["attention"].shape[3:])
-                if "attention" in np_out else None,
-                values=np_out["values"][i, :L] if "values" in np_out else None)
-
-
-class WriterThread(threading.Thread):
-    """Consumes (buffer, rows, outputs) and ('commit', buffer) items; errors surface on join.
-
-    Shard commits (compression, checksums, fsync) run on a small pool so that a GPU that
-    outpaces one compressing thread is not held back; each shard's files are its own, and
-    only the manifest merge is serialised. At most `commit_threads` shards are in flight.
-    """
-
-    def __init__(self, writer: CacheWriter, maxsize: int, merge: bool, commit_threads: int = 1):
-        super().__init__(daemon=True)
-        self.writer, self.q, self.merge, self.error = writer, queue.Queue(maxsize), merge, None
-        self.pool = ThreadPoolExecutor(max(1, commit_threads), thread_name_prefix="shard-commit")
-        self.slots = threading.Semaphore(max(1, commit_threads))
-        self.merge_lock = threading.Lock()
-        self.pending: list[Future] = []
-
-    def _commit(self, buf: ShardBuffer) -> None:
-        try:
-            self.writer.commit(buf, merge=False)
-            if self.merge:
-                with self.merge_lock:
-                    self.writer.merge_records()
-        finally:
-            self.slots.release()
-
-    def run(self) -> None:
-        while (item := self.q.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                if item[0] == "commit":
-                    self.slots.acquire()  # bounded memory: wait for a free commit slot
-                    self.pending.append(self.pool.submit(self._commit, item[1]))
-                else:
-                    _split_batch(*item)
-                self._check()
-            except BaseException as e:  # surfaced in the main thread
-                self.error = e
-
-    def _check(self) -> None:
-        for f in [f for f in self.pending if f.done()]:
-            self.pending.remove(f)
-            f.result()
-
-    def put(self, item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        self.pool.shutdown(wait=True)
-        if self.error is None:
-            try:
-                self._check()
-            except BaseException as e:
-                self.error = e
-        if self.error is not None:
-            raise self.error
-
-
 def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWriter:
     """Create the cache (manifest first) or check that an existing one may be extended."""
     layout = resolve_layout(run.cache, model.config.num_hidden_layers)
@@ -369,35 +224,49 @@ def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConf
                               commit_threads=run.cache.commit_threads)
         thread.start()
         try:
-            for name in mine:
-                set_name = name.rsplit("-", 1)[0]
-                table = _take(tables[set_name], rows_of(plan, name))
-                truncated += run_shard(runner, thread, set_name, name, table, run.cache.batch_size, bar)
+            for name, set_name, table, ids, cut in _prepared(runner, tables, plan, mine):
+                truncated += run_shard(runner, thread, set_name, name, table, ids, cut, run.cache.batch_size, bar)
                 written += table.num_rows
         finally:
             thread.finish()
     return truncated, written, removed
 
 
-def _take(table: pa.Table, row_ids: list[str]) -> pa.Table:
-    index = {rid: i for i, rid in enumerate(table.column("row_id").to_pylist())}
-    return table.take(pa.array([index[r] for r in row_ids], pa.int64()))
+def _prepared(runner: TeacherRunner, tables: dict[str, pa.Table], plan: pa.Table, names: list[str]):
+    """(shard, set, rows, token ids, truncated) per shard; the next shard is tokenised in the background."""
+    index: dict[str, dict[str, int]] = {}  # row id -> position, once per set
+
+    def prepare(name: str):
+        set_name = name.rsplit("-", 1)[0]
+        if set_name not in index:
+            index[set_name] = {rid: i for i, rid in enumerate(tables[set_name].column("row_id").to_pylist())}
+        where = index[set_name]
+        table = tables[set_name].take(pa.array([where[r] for r in rows_of(plan, name)], pa.int64()))
+        return (name, set_name, table, *runner.tokenize(table))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        ahead = pool.submit(prepare, names[0]) if names else None
+        for following in [*names[1:], None]:
+            item = ahead.result()
+            ahead = pool.submit(prepare, following) if following else None
+            yield item
+
+
+ROW_PASSTHROUGH = ["row_id", "split", "source_id", "method", "provenance", "text", "text_b", "label"]
 
 
 def run_shard(runner: TeacherRunner, thread: WriterThread, set_name: str, shard_name: str, table: pa.Table,
-              batch_size: int, bar) -> int:
-    ids, truncated = runner.tokenize(table)
-    cols = table.to_pydict()
+              ids: list[list[int]], truncated: list[bool], batch_size: int, bar) -> int:
+    cols = table.select(ROW_PASSTHROUGH).to_pydict()
     order = np.argsort([len(x) for x in ids], kind="stable")
     buf = ShardBuffer(shard_name, set_name)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size].tolist()
-        rows = [{"row_id": cols["row_id"][i], "set": set_name, "split": cols["split"][i],
-                 "source_id": cols["source_id"][i], "method": cols["method"][i],
-                 "provenance": cols["provenance"][i], "text": cols["text"][i], "text_b": cols["text_b"][i],
-                 "label": cols["label"][i], "length": len(ids[i]), "truncated": truncated[i],
-                 "input_ids": ids[i]} for i in idx]
-        thread.put((buf, rows, runner.forward([ids[i] for i in idx])))
+        batch_ids = [ids[i] for i in idx]
+        columns = {k: [v[i] for i in idx] for k, v in cols.items()}
+        columns.update({"set": [set_name] * len(idx), "length": [len(x) for x in batch_ids],
+                        "truncated": [truncated[i] for i in idx], "input_ids": batch_ids})
+        thread.put((buf, columns, runner.forward(batch_ids)))
         bar.update(len(idx))
     thread.put(("commit", buf))
     return int(sum(truncated))
