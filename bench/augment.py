@@ -171,6 +171,16 @@ def run_ours(p: TinyBertParams, rows, cache: Path, seed: int, sync=None) -> dict
             "out": len(out.text)}
 
 
+def _timings(ours: dict, ref_s: float, ref_out: int, n_rows: int, digits: int) -> dict:
+    """Seconds, speed-up and rows/s of ours vs the reference (same keys on CPU and GPU)."""
+    return {"reference_seconds": round(ref_s, digits), "ours_seconds": round(ours["run_s"], digits),
+            "ours_candidates_only_seconds": round(ours["cand_s"], digits),
+            "ours_one_off_prepare_seconds": round(ours["prepare_s"], 2),
+            "speedup": round(ref_s / ours["run_s"], 2),
+            "reference_rows_per_s": round(n_rows / ref_s, 2), "ours_rows_per_s": round(n_rows / ours["run_s"], 2),
+            "reference_samples_out": ref_out, "ours_samples_out": ours["out"]}
+
+
 def bench_tinybert(n_rows: int, seed: int = 13, device: str = "cpu", mlm: str = "minilm-mlm",
                    glove: str = "shipped", batch: int = 0) -> dict:
     import torch
@@ -210,12 +220,7 @@ def bench_tinybert(n_rows: int, seed: int = 13, device: str = "cpu", mlm: str = 
         return {
             **result, "torch_threads": 1, "ours_dtype": "float32",
             **compare(ours["cands"], ref_cands, use_glove),
-            "reference_seconds": round(ref_s, 2), "ours_seconds": round(ours["run_s"], 2),
-            "ours_candidates_only_seconds": round(ours["cand_s"], 2),
-            "ours_one_off_prepare_seconds": round(ours["prepare_s"], 2),
-            "speedup": round(ref_s / ours["run_s"], 2),
-            "reference_rows_per_s": round(n_rows / ref_s, 2), "ours_rows_per_s": round(n_rows / ours["run_s"], 2),
-            "reference_samples_out": ref_out, "ours_samples_out": ours["out"],
+            **_timings(ours, ref_s, ref_out, n_rows, 2),
             "ours_2_workers_to_parquet_seconds": round(two_s, 2), "ours_2_workers_rows_out": two["rows_out"],
             "bfloat16": {"seconds": round(bf16["run_s"], 2), "speedup": round(ref_s / bf16["run_s"], 2),
                          **compare(bf16["cands"], ref_cands, use_glove)},
@@ -238,12 +243,7 @@ def bench_tinybert(n_rows: int, seed: int = 13, device: str = "cpu", mlm: str = 
                                   "torch's default CPU thread count for their CPU-side work"},
         "ours_dtype": "bfloat16",
         **compare(ours["cands"], ref_cands, use_glove),
-        "reference_seconds": round(ref_s, 3), "ours_seconds": round(ours["run_s"], 3),
-        "ours_candidates_only_seconds": round(ours["cand_s"], 3),
-        "ours_one_off_prepare_seconds": round(ours["prepare_s"], 2),
-        "speedup": round(ref_s / ours["run_s"], 2),
-        "reference_rows_per_s": round(n_rows / ref_s, 2), "ours_rows_per_s": round(n_rows / ours["run_s"], 2),
-        "reference_samples_out": ref_out, "ours_samples_out": ours["out"],
+        **_timings(ours, ref_s, ref_out, n_rows, 3),
         "ours_to_parquet_seconds": round(whole_s, 2), "ours_to_parquet_rows_out": whole["rows_out"],
         "gpu_peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20),
         "float32": {"seconds": round(fp32["run_s"], 3), "speedup": round(ref_s / fp32["run_s"], 2),
