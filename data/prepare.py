@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data import assets
 from data.config import parse_cli, save_config
-from data.io import UserError, atomic_write_text, run_cli
+from data.io import UserError, atomic_write_bytes, atomic_write_text, run_cli
 from data.rows import Quarantine, build_rows, read_rows, write_rows, table_fingerprint
 from data.sources import read_records
 
@@ -32,6 +33,7 @@ class DataConfig:
     label_column: str | None = "label"  # None: unlabelled rows
     id_column: str | None = None  # keep the data's own ids instead of hashing
     split_column: str | None = None  # use the data's own train/dev/test split
+    logits_column: str | None = None  # teacher logits you already have (one list per row; cache.logits_from=data)
     label_names: list[str] = field(default_factory=list)  # empty: sorted distinct labels
     delimiter: str = ","
     encoding: str = "utf-8"
@@ -44,7 +46,7 @@ class DataConfig:
 
 def _columns(cfg: DataConfig) -> dict:
     return {"text": cfg.text_column, "text_b": cfg.text_b_column, "label": cfg.label_column,
-            "id": cfg.id_column, "split": cfg.split_column}
+            "id": cfg.id_column, "split": cfg.split_column, "logits": cfg.logits_column}
 
 
 def _stratified_take(rows_by_label: dict, n: int, rng: random.Random) -> list:
@@ -96,7 +98,9 @@ def prepare(cfg: DataConfig) -> dict:
     file_name = Path(source).name
     for line, reason in bad:
         quarantine.add(f"{file_name} line {line}", reason)
-    table = build_rows(records, source=name, file_name=file_name, label_names=label_names, quarantine=quarantine)
+    given = {} if cfg.logits_column and cfg.source != "tweets" else None
+    table = build_rows(records, source=name, file_name=file_name, label_names=label_names, quarantine=quarantine,
+                       given_logits=given)
     if table.num_rows == 0:
         raise UserError(f"{source}: no usable rows ({quarantine.counts()})")
     if cfg.split_column:
@@ -112,12 +116,36 @@ def prepare(cfg: DataConfig) -> dict:
         write_rows(part, out / f"{split}.parquet")
         counts[split] = part.num_rows
     quarantine.write(out / "quarantine.jsonl")
+    if given is not None:
+        write_given_logits(out, table.column("row_id").to_pylist(), given)
     meta = {"name": name, "source": source, "label_names": label_names, "rows_in": len(records) + len(bad),
             "rows": counts, "quarantined": quarantine.counts(), "unlabelled": table.column("label").null_count,
             "fingerprint": table_fingerprint(table)}
+    if given is not None:
+        meta["given_logits"] = {"column": cfg.logits_column, "rows": table.num_rows}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     save_config(cfg, out)
     return meta
+
+
+GIVEN_LOGITS = "given_logits.parquet"
+
+
+def write_given_logits(out: Path, row_ids: list[str], given: dict) -> None:
+    """The user's teacher logits of the kept rows, by row id (read by cache.logits_from=data)."""
+    table = pa.table({"row_id": pa.array(row_ids, pa.string()),
+                      "logits": pa.array([given[r] for r in row_ids], pa.list_(pa.float32()))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out / GIVEN_LOGITS, sink.getvalue().to_pybytes())
+
+
+def load_given_logits(data_dir: str | Path) -> dict[str, list[float]]:
+    path = Path(data_dir) / GIVEN_LOGITS
+    if not path.is_file():
+        raise UserError(f"{path} not found: cache.logits_from=data needs data.logits_column (re-run `make data`)")
+    table = pq.read_table(path)
+    return dict(zip(table.column("row_id").to_pylist(), table.column("logits").to_pylist()))
 
 
 def load_meta(data_dir: str | Path) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,6 +72,28 @@ class Quarantine:
         return len(self.rows)
 
 
+def parse_logits(value, k: int) -> tuple[list[float] | None, str | None]:
+    """A user-supplied logits cell -> (k finite floats, None) or (None, quarantine reason).
+
+    Lists (JSONL, Parquet) or strings (CSV: "[0.1, -2, 3]", "0.1 -2 3", "0.1;-2;3").
+    """
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[\s,;\[\]]+", value) if p]
+    elif isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        parts = list(value.tolist() if hasattr(value, "tolist") else value)
+    else:
+        return None, "logits: missing or not a list of numbers"
+    try:
+        numbers = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        return None, "logits: missing or not a list of numbers"
+    if len(numbers) != k:
+        return None, f"logits: expected {k} numbers, got {len(numbers)}"
+    if not all(math.isfinite(x) for x in numbers):
+        return None, "logits: NaN or Inf"
+    return numbers, None
+
+
 def build_rows(
     records: list[dict],
     *,
@@ -79,10 +103,13 @@ def build_rows(
     quarantine: Quarantine,
     default_split: str = "train",
     truncate_chars: int = MAX_TEXT_CHARS,
+    given_logits: dict | None = None,
 ) -> pa.Table:
-    """Validate raw records {text, text_b?, label?, split?, id?} into a ROW_SCHEMA table.
+    """Validate raw records {text, text_b?, label?, split?, id?, logits?} into a ROW_SCHEMA table.
 
-    Empty text, unknown labels and duplicate ids go to `quarantine` with file/row/field.
+    Empty text, unknown labels, duplicate ids and (when `given_logits` is a dict: the user
+    supplies teacher logits) logits that are not len(label_names) finite numbers go to
+    `quarantine` with file/row/field; good logits land in `given_logits[row_id]`.
     """
     label_index = {name: i for i, name in enumerate(label_names)}
     seen: set[str] = set()
@@ -123,11 +150,19 @@ def build_rows(
                 continue
         else:
             label = None
+        logits = None
+        if given_logits is not None:
+            logits, reason = parse_logits(rec.get("logits"), len(label_names))
+            if reason:
+                quarantine.add(f"{where} field logits", reason, rec.get("logits"))
+                continue
         row_id = str(rec["id"]) if rec.get("id") not in (None, "") else make_row_id(source, text, text_b)
         if row_id in seen:
             quarantine.add(f"{where} field id", "duplicate row id", row_id)
             continue
         seen.add(row_id)
+        if logits is not None:
+            given_logits[row_id] = logits
         out["row_id"].append(row_id)
         out["text"].append(text)
         out["text_b"].append(text_b)

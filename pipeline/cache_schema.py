@@ -68,6 +68,7 @@ class TeacherInfo:
     num_labels: int
     weights_sha256: str
     tokenizer_sha256: str
+    logits_from: str = "teacher"  # "teacher", or "data:<column>" (the user's own teacher logits, cache.logits_from=data)
 
 
 @dataclass

@@ -27,6 +27,8 @@ class CacheConfig:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on GPU (CPU runs fp32)
     writer_queue: int = 4  # batches in flight between the teacher and the writer thread
+    logits_from: str = "teacher"  # teacher | data: logits from data.logits_column (the encoder still tokenises
+    #                               and gives any [CLS]/hidden/attention fields)
     commit_threads: int = 2  # shards compressed and written at once (raise it on a many-core GPU host)
     rank: int = -1  # -1: torchrun's RANK (0 alone); set it to resume one rank of a multi-rank job alone
     world_size: int = 0  # 0: torchrun's WORLD_SIZE (1 alone)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from data.config import parse_cli, save_config
 from data.io import UserError, run_cli
-from data.prepare import load_meta, load_split, prepare
+from data.assets import resolve_model
+from data.prepare import load_given_logits, load_meta, load_split, prepare
 from data.rows import read_rows, table_fingerprint
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  save_plan)
@@ -76,6 +77,7 @@ def check_compatible(old: Manifest, new: Manifest, cache_dir: Path) -> None:
         ("label names", old.label_names, new.label_names),
         ("data set", old.data_name, new.data_name),
         ("stored layers", old.layout, new.layout),
+        ("source of logits", old.teacher.logits_from, new.teacher.logits_from),
     ]
     for what, a, b in checks:
         if a != b:
@@ -138,10 +140,20 @@ def current_plan(writer: CacheWriter, sets: list[tuple[str, pa.Table]], shard_ro
         return plan
 
 
+def _given_logits(run: RunConfig, data_dir: Path) -> dict | None:
+    """{row id: logits} when the cache takes the user's own teacher logits (cache.logits_from=data)."""
+    if run.cache.logits_from not in ("teacher", "data"):
+        raise UserError(f"cache.logits_from: {run.cache.logits_from!r} is not 'teacher' or 'data'")
+    return load_given_logits(data_dir) if run.cache.logits_from == "data" else None
+
+
 def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWriter:
     """Create the cache (manifest first) or check that an existing one may be extended."""
     layout = resolve_layout(run.cache, model.config.num_hidden_layers)
-    new = Manifest(teacher=teacher_info(teacher_dir, model), layout=layout, max_length=run.teacher.max_length,
+    info = teacher_info(teacher_dir, model)
+    if run.cache.logits_from == "data":
+        info.logits_from = f"data:{meta['given_logits']['column']}"
+    new = Manifest(teacher=info, layout=layout, max_length=run.teacher.max_length,
                    label_names=meta["label_names"], data_name=meta["name"])
     cache_dir = Path(run.cache.root) / (run.cache.name or teacher_dir.name)
     with cache_lock(cache_dir):
@@ -162,8 +174,11 @@ def build_cache(run: RunConfig) -> dict:
     if not (data_dir / "meta.json").is_file():
         prepare(run.data)
     meta = load_meta(data_dir)
+    given = _given_logits(run, data_dir)
     teacher_dir = Path(run.teacher.out_dir)
-    if not is_finetuned(teacher_dir):
+    if given is not None and not is_finetuned(teacher_dir):  # the logits are the user's: no fine-tuning needed
+        teacher_dir = Path(resolve_model(run.teacher.checkpoint))
+    elif not is_finetuned(teacher_dir):
         print(f"no fine-tuned teacher in {teacher_dir}: fine-tuning {run.teacher.checkpoint} first")
         finetune(run.teacher, str(data_dir))
     device = pick_device(run.cache.device)
@@ -174,9 +189,15 @@ def build_cache(run: RunConfig) -> dict:
     writer = open_cache(run, model, teacher_dir, meta)
     sets = gather_sets(run, data_dir)
     writer.set_order = [name for name, _ in sets]
+    for name, table in sets if given is not None else ():
+        missing = [r for r in table.column("row_id").to_pylist() if r not in given]
+        if missing:
+            raise UserError(f"cache.logits_from=data: {len(missing)} rows of set {name} have no given logits "
+                            f"(e.g. row {missing[0]}); augmented rows carry none: set cache.use_augmented=false")
     tables = {name: t for name, t in sets}
     before = {k: len(v) for k, v in cached_ids(writer.dir, Manifest.load(writer.dir)).items()}
     runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16)
+    runner.given_logits = given
     bar = tqdm(desc=f"caching {writer.dir.name}" + (f" rank {rank}/{world}" if world > 1 else ""), unit="row",
                smoothing=0.1)
     t0 = time.time()
@@ -266,7 +287,10 @@ def run_shard(runner: TeacherRunner, thread: WriterThread, set_name: str, shard_
         columns = {k: [v[i] for i in idx] for k, v in cols.items()}
         columns.update({"set": [set_name] * len(idx), "length": [len(x) for x in batch_ids],
                         "truncated": [truncated[i] for i in idx], "input_ids": batch_ids})
-        thread.put((buf, columns, runner.forward(batch_ids)))
+        out = runner.forward(batch_ids)
+        if runner.given_logits is not None:  # cache.logits_from=data: the user's teacher logits replace the head's
+            out["logits"] = torch.tensor([runner.given_logits[r] for r in columns["row_id"]], dtype=torch.float32)
+        thread.put((buf, columns, out))
         bar.update(len(idx))
     thread.put(("commit", buf))
     return int(sum(truncated))

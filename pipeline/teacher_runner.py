@@ -29,6 +29,7 @@ class TeacherRunner:
         self.tok.padding_side = "right"
         self.capture = AttentionCapture(model, layers=layout.attention_layers, values_layer=layout.values_layer)
         self.need_hidden = bool(layout.cls_layers or layout.hidden_layers)
+        self.given_logits: dict | None = None  # row id -> the user's teacher logits (cache.logits_from=data)
 
     def tokenize(self, table: pa.Table) -> tuple[list[list[int]], list[bool]]:
         texts, texts_b = table.column("text").to_pylist(), table.column("text_b").to_pylist()
