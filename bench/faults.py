@@ -115,17 +115,18 @@ def student_trials(cache_dir: Path, tmp: Path, trials: int, rng: random.Random) 
 
 
 def augment_trials(data_dir: Path, tmp: Path, trials: int, rng: random.Random) -> list[dict]:
-    """Timed kills of `augment.run` (Tang rules, 2 workers): the resumed output is byte-identical."""
-    base = ["augment.run", f"data_dir={data_dir}", "methods=tang", "workers=2", "seed=3"]
-    run(base + [f"out_dir={tmp / 'aug-ref'}"])
+    """kill -9 `augment.run` (Tang rules) after its n-th committed part, resume with 2 workers: byte-identical."""
+    base = ["augment.run", f"data_dir={data_dir}", "methods=tang", "seed=3", "chunk_rows=32", "progress=false"]
+    run(base + ["workers=2", f"out_dir={tmp / 'aug-ref'}", f"cache_dir={tmp / 'aug-ref-cache'}"])
     want = (tmp / "aug-ref" / "tang.parquet").read_bytes()
     results = []
     for t in range(trials):
-        out = tmp / f"aug{t}"
-        code = run(base + [f"out_dir={out}"], kill_after=rng.uniform(3.0, 8.0))
-        assert run(base + [f"out_dir={out}"]) == 0
-        results.append({"trial": t, "killed": code == -9,
-                        "identical_bytes": (out / "tang.parquet").read_bytes() == want})
+        out = [f"out_dir={tmp / f'aug{t}'}", f"cache_dir={tmp / f'aug{t}-cache'}"]
+        n = rng.randint(1, 4)
+        code = run(base + ["workers=1", *out], crash=f"augment-part-committed:{n}")
+        assert run(base + ["workers=2", *out]) == 0
+        results.append({"trial": t, "killed_after_part": n, "killed": code == -9,
+                        "identical_bytes": (tmp / f"aug{t}" / "tang.parquet").read_bytes() == want})
         print(results[-1], flush=True)
     return results
 
@@ -156,7 +157,8 @@ def main(argv: list[str]) -> None:
         "values_differ": sum(r["values_differ"] for r in c),
         "student_runs": len(results["student"]),
         "student_identical": sum(r["identical_weights"] for r in results["student"]),
-        "augment_runs": len(results["augment"]),
+        "student_killed": sum(r["killed"] for r in results["student"]),
+        "augment_runs": len(results["augment"]), "augment_killed": sum(r["killed"] for r in results["augment"]),
         "augment_identical": sum(r["identical_bytes"] for r in results["augment"]),
         "seconds": round(time.time() - t0, 1)}
     out = REPO / "bench" / "results" / "faults.json"
