@@ -50,10 +50,12 @@ demo: assets               ## the whole job on the embedded default, on CPU, in 
 test: assets               ## the test suite (tiny real models, tiny data)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: assets
+bench: assets               ## CPU benchmarks -> bench/results/ (bench/gpu.sh for the GPU ones); ~40 min on 2 cores
 	$(PY) bench/teacher_cache.py
 	$(PY) bench/student.py
 	$(PY) bench/augment.py
+	$(PY) bench/ranks.py
+	$(PY) bench/faults.py trials=20 augment_trials=5
 
 clean:
 	rm -rf work
