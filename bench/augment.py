@@ -15,7 +15,7 @@ other from the last results in `out`, default bench/results/augment.json).
 TinyBERT options: `device=cpu` (default): both sides on one torch thread, ours float32 (headline) and
 bfloat16. `device=cuda`: the model of both sides on the GPU, torch's thread count left as it is for both
 (the GPU does the arithmetic), ours bfloat16 (headline) and float32, the reference float32; implies
-only=tinybert. `mlm` any AutoModelForMaskedLM folder (e.g. a random one from bench/make_random_mlm.py:
+only=tinybert. `mlm` any AutoModelForMaskedLM folder (e.g. a random one from bench/random_model.py head=mlm:
 timing only), default the offline minilm-mlm. `glove=none` leaves multi-piece words alone on both sides
 (the MLM candidates only; GloVe neighbours are a CPU-side precomputed table). `batch` masked copies per
 forward of ours (default 256 on cpu, 1024 on cuda).

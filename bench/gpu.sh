@@ -17,13 +17,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers, zarr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"
 
 # 1. teacher caching: MPNet-base shape, bf16, full corpus split, bare forward vs caching pass
-$PY bench/random_teacher.py work/gpu/mpnet-base shape=mpnet-base tokenizer="$TOKENIZER"
+$PY bench/random_model.py work/gpu/mpnet-base shape=mpnet-base tokenizer="$TOKENIZER"
 $PY bench/teacher_cache.py rows="$ROWS" config=configs/gpu.yaml teacher.checkpoint=work/gpu/mpnet-base \
     teacher.out_dir=work/gpu/teacher-mpnet teacher.max_train_rows=512 teacher.epochs=1 \
     out="$RESULTS/teacher_cache_gpu_mpnet.json"
 
 # 2. the same for the MiniLM-L6 shape (the CPU default teacher)
-$PY bench/random_teacher.py work/gpu/minilm shape=minilm tokenizer="$TOKENIZER"
+$PY bench/random_model.py work/gpu/minilm shape=minilm tokenizer="$TOKENIZER"
 $PY bench/teacher_cache.py rows="$ROWS" config=configs/gpu.yaml teacher.checkpoint=work/gpu/minilm \
     teacher.out_dir=work/gpu/teacher-minilm teacher.max_train_rows=512 teacher.epochs=1 \
     out="$RESULTS/teacher_cache_gpu_minilm.json"
@@ -32,7 +32,7 @@ $PY bench/teacher_cache.py rows="$ROWS" config=configs/gpu.yaml teacher.checkpoi
 # 3. TinyBERT augmentation: reference loop vs batched MLM (MLM candidates; GloVe is a CPU-side table)
 $PY -m pipeline.train_teacher --config configs/cpu.yaml --data-only
 for size in minilm base; do
-    $PY bench/make_random_mlm.py "work/gpu/mlm-$size" size=$size --tokenizer "$TOKENIZER" >/dev/null
+    $PY bench/random_model.py "work/gpu/mlm-$size" shape=$size head=mlm tokenizer="$TOKENIZER" >/dev/null
     $PY bench/augment.py device=cuda only=tinybert tinybert_rows="${AUG_ROWS:-300}" mlm="work/gpu/mlm-$size" \
         glove=none out="$RESULTS/augment_gpu_$size.json"
 done

@@ -84,6 +84,8 @@ def split_rows(table: pa.Table, cfg: DataConfig) -> pa.Table:
 
 
 def prepare(cfg: DataConfig) -> dict:
+    if cfg.source == "tweets" and cfg.logits_column:
+        raise UserError("data.logits_column: the built-in tweet corpus has no logits column")
     if cfg.source == "tweets":
         source, name = str(assets.tweets_csv()), cfg.name or "tweets"
         cols = {"text": "text", "text_b": None, "label": "sentiment", "id": None, "split": None}
@@ -98,7 +100,7 @@ def prepare(cfg: DataConfig) -> dict:
     file_name = Path(source).name
     for line, reason in bad:
         quarantine.add(f"{file_name} line {line}", reason)
-    given = {} if cfg.logits_column and cfg.source != "tweets" else None
+    given = {} if cfg.logits_column else None
     table = build_rows(records, source=name, file_name=file_name, label_names=label_names, quarantine=quarantine,
                        given_logits=given)
     if table.num_rows == 0:

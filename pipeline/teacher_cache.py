@@ -196,8 +196,8 @@ def build_cache(run: RunConfig) -> dict:
                             f"(e.g. row {missing[0]}); augmented rows carry none: set cache.use_augmented=false")
     tables = {name: t for name, t in sets}
     before = {k: len(v) for k, v in cached_ids(writer.dir, Manifest.load(writer.dir)).items()}
-    runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16)
-    runner.given_logits = given
+    runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16,
+                           given_logits=given)
     bar = tqdm(desc=f"caching {writer.dir.name}" + (f" rank {rank}/{world}" if world > 1 else ""), unit="row",
                smoothing=0.1)
     t0 = time.time()

@@ -23,13 +23,14 @@ from pipeline.cache_writer import CacheWriter, ShardBuffer
 class TeacherRunner:
     """Tokenise, batch by length, forward with capture, hand CPU tensors to the writer."""
 
-    def __init__(self, model, tokenizer, layout: FieldLayout, max_length: int, device, bf16: bool):
+    def __init__(self, model, tokenizer, layout: FieldLayout, max_length: int, device, bf16: bool,
+                 given_logits: dict | None = None):
         self.model, self.tok, self.layout, self.max_length = model, tokenizer, layout, max_length
         self.device, self.bf16 = device, bf16 and device.type == "cuda"
         self.tok.padding_side = "right"
         self.capture = AttentionCapture(model, layers=layout.attention_layers, values_layer=layout.values_layer)
         self.need_hidden = bool(layout.cls_layers or layout.hidden_layers)
-        self.given_logits: dict | None = None  # row id -> the user's teacher logits (cache.logits_from=data)
+        self.given_logits = given_logits  # row id -> the user's teacher logits (cache.logits_from=data)
 
     def tokenize(self, table: pa.Table) -> tuple[list[list[int]], list[bool]]:
         texts, texts_b = table.column("text").to_pylist(), table.column("text_b").to_pylist()
