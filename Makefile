@@ -11,7 +11,7 @@ LOSS    ?=
 CACHE   ?=
 student_overrides = $(if $(STUDENT),students=$(STUDENT)) $(if $(LOSS),losses=$(LOSS)) $(if $(CACHE),cache=$(CACHE))
 
-.PHONY: install assets data teacher augment teacher-cache student compare demo test bench clean
+.PHONY: install assets data teacher augment teacher-cache student compare demo test quality bench clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,9 @@ demo: assets               ## the whole job on the embedded default, on CPU, in 
 
 test: assets               ## the test suite (tiny real models, tiny data)
 	$(PY) -m pytest -q $(ARGS)
+
+quality: assets             ## students vs references written outside the project -> bench/results/quality.md (hours on 2 cores)
+	$(PY) bench/quality.py $(ARGS)
 
 bench: assets               ## CPU benchmarks -> bench/results/ (bench/gpu.sh for the GPU ones); ~40 min on 2 cores
 	$(PY) bench/teacher_cache.py

@@ -145,8 +145,9 @@ def main(argv: list[str]) -> None:
         build_cache(run_cfg)
         reference = Path(run_cfg.cache.root) / "c"
         base = ["pipeline.teacher_cache", f"data.out_dir={run_cfg.data.out_dir}",
-                f"teacher.out_dir={run_cfg.teacher.out_dir}", "teacher.max_length=48", "cache.shard_rows=16",
-                "cache.batch_size=16", "cache.name=c", f"cache.augment_dir={tmp / 'none'}"]
+                f"data.max_rows={run_cfg.data.max_rows}", f"teacher.out_dir={run_cfg.teacher.out_dir}",
+                "teacher.max_length=48", "cache.shard_rows=16", "cache.batch_size=16", "cache.name=c",
+                f"cache.augment_dir={tmp / 'none'}"]
         results = {"cache": cache_trials(base, reference, tmp, opts.get("trials", 20), rng),
                    "student": student_trials(reference, tmp, opts.get("student_trials", 3), rng),
                    "augment": augment_trials(Path(run_cfg.data.out_dir), tmp, opts.get("augment_trials", 3), rng)}

@@ -64,7 +64,8 @@ from data.prepare import load_meta, load_split, prepare  # noqa: E402
 from pipeline.cache_reader import TeacherCache  # noqa: E402
 from pipeline.run_config import RunConfig  # noqa: E402
 from pipeline.teacher import encode as teacher_encode  # noqa: E402
-from pipeline.teacher import finetune, is_finetuned, load_classifier, pick_device  # noqa: E402
+from data.io import pick_device  # noqa: E402
+from pipeline.teacher import finetune, is_finetuned, load_classifier  # noqa: E402
 from pipeline.teacher_cache import build_cache  # noqa: E402
 from trainer.loader import CacheStream, StreamConfig  # noqa: E402
 from trainer.losses import get_loss, make_params  # noqa: E402

@@ -29,7 +29,8 @@ from data.config import load_config  # noqa: E402
 from data.io import atomic_write_text  # noqa: E402
 from data.prepare import load_split, prepare  # noqa: E402
 from pipeline.run_config import RunConfig  # noqa: E402
-from pipeline.teacher import is_finetuned, finetune, load_classifier, pick_device  # noqa: E402
+from data.io import pick_device  # noqa: E402
+from pipeline.teacher import is_finetuned, finetune, load_classifier  # noqa: E402
 from pipeline.teacher_cache import build_cache, resolve_layout  # noqa: E402
 
 

@@ -1,13 +1,15 @@
 """`python -m data.prepare`: read a corpus, validate it into rows, split it once.
 
 Output folder: train/dev/test Parquet (ROW_SCHEMA), meta.json (label names, source,
-counts, quarantine counts) and quarantine.jsonl when rows were refused.
+counts, quarantine counts, the inputs it was made from) and quarantine.jsonl when rows
+were refused. `ensure_prepared` reuses the folder only when those inputs are the same.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import assets
-from data.config import parse_cli, save_config
-from data.io import UserError, atomic_write_bytes, atomic_write_text, run_cli
+from data.config import parse_cli, save_config, to_dict
+from data.io import UserError, atomic_write_bytes, atomic_write_text, check_output_dir, run_cli
+from data.labels import resolve_labels
 from data.rows import Quarantine, build_rows, read_rows, write_rows, table_fingerprint
-from data.sources import read_records
+from data.sources import read_records, source_fingerprint
 
 SPLITS = ("train", "dev", "test")
 TWEETS_LABELS = ["negative", "neutral", "positive"]
@@ -35,6 +38,7 @@ class DataConfig:
     split_column: str | None = None  # use the data's own train/dev/test split
     logits_column: str | None = None  # teacher logits you already have (one list per row; cache.logits_from=data)
     label_names: list[str] = field(default_factory=list)  # empty: sorted distinct labels
+    fold_label_case: bool = True  # "Negative", "NEGATIVE" and "negative" are one class (false: three)
     delimiter: str = ","
     encoding: str = "utf-8"
     max_rows: int = 0  # 0 = all; else a stratified, seeded subset before splitting
@@ -83,46 +87,149 @@ def split_rows(table: pa.Table, cfg: DataConfig) -> pa.Table:
     return table.set_column(table.schema.get_field_index("split"), "split", splits)
 
 
-def prepare(cfg: DataConfig) -> dict:
+KEY_VERSION = 2  # bump when the same inputs would now give other rows: older folders are prepared again
+
+
+def check_config(cfg: DataConfig) -> None:
+    """Refuse settings that would fail late or split nonsense, before anything is written."""
     if cfg.source == "tweets" and cfg.logits_column:
         raise UserError("data.logits_column: the built-in tweet corpus has no logits column")
+    if cfg.max_rows < 0:
+        raise UserError(f"data.max_rows: {cfg.max_rows} is negative (0 = every row)")
+    for key in ("dev_fraction", "test_fraction"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"data.{key}: {getattr(cfg, key)} is not in [0, 1)")
+    if cfg.dev_fraction + cfg.test_fraction >= 1:
+        raise UserError(f"data.dev_fraction + data.test_fraction = {cfg.dev_fraction + cfg.test_fraction} "
+                        "leaves no train rows")
+    if len(cfg.delimiter) != 1:
+        raise UserError(f"data.delimiter: {cfg.delimiter!r} is not one character")
+
+
+def data_inputs(cfg: DataConfig) -> dict:
+    """What a prepared folder depends on: every data setting but out_dir, the source by content."""
+    inputs = {k: v for k, v in to_dict(cfg).items() if k != "out_dir"}
+    return {**inputs, "source": source_fingerprint(cfg.source), "version": KEY_VERSION}
+
+
+def differing_keys(recorded: dict | None, wanted: dict) -> list[str]:
+    """The keys of `wanted` whose recorded value differs (all of them when nothing was recorded)."""
+    recorded = recorded or {}
+    return [k for k, v in wanted.items() if recorded.get(k) != v]
+
+
+def ensure_prepared(cfg: DataConfig) -> dict:
+    """meta of cfg.out_dir when it was prepared from exactly these inputs; else prepare it again,
+    saying which inputs differ (a changed data.source must never reuse the old rows)."""
+    out, inputs = Path(cfg.out_dir), data_inputs(cfg)
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: prepare
+        return prepare(cfg, inputs)
+    differ = differing_keys(meta.get("inputs"), inputs)
+    if not differ and all((out / f"{s}.parquet").is_file() for s in SPLITS):
+        return meta
+    why = ("inputs not recorded by an older version" if "inputs" not in meta else
+           f"{', '.join(differ)} differ" if differ else "split files missing")
+    print(f"data: {out} was prepared from other inputs ({why}): preparing it again")
+    return prepare(cfg, inputs)
+
+
+def rows_fingerprint(table: pa.Table) -> str:
+    """Order-independent hash of every row's id, texts, label and split: what a teacher learnt from."""
+    columns = [table.column(c).to_pylist() for c in ("row_id", "text", "text_b", "label", "split")]
+    h = hashlib.sha256()
+    for row in sorted(zip(*columns), key=lambda r: r[0]):
+        h.update(json.dumps(row).encode())
+    return h.hexdigest()[:16]
+
+
+def _by_split(table: pa.Table) -> dict[str, pa.Table]:
+    return {s: table.filter(pa.compute.equal(table.column("split"), s)) for s in SPLITS}
+
+
+def _label_warnings(parts: dict[str, pa.Table], names: list[str]) -> dict[str, int]:
+    """Labels of dev/test rows that train never shows the teacher: {name: rows}."""
+    in_train = set(parts["train"].column("label").drop_null().to_pylist())
+    held_out = Counter(parts["dev"].column("label").drop_null().to_pylist() +
+                       parts["test"].column("label").drop_null().to_pylist())
+    return {names[k]: n for k, n in sorted(held_out.items()) if k not in in_train}
+
+
+def _shared_with_train(parts: dict[str, pa.Table]) -> dict[str, int]:
+    """dev/test rows whose text (and second text) is also a train row's: possible leakage."""
+    def keys(t: pa.Table) -> list:
+        return list(zip(t.column("text").to_pylist(), t.column("text_b").to_pylist()))
+
+    train = set(keys(parts["train"]))
+    return {s: sum(k in train for k in keys(parts[s])) for s in ("dev", "test")}
+
+
+def _read_source(cfg: DataConfig) -> tuple[str, str, list[dict], list, list[str]]:
+    """(source path, dataset name, records, unparseable lines, given label names)."""
     if cfg.source == "tweets":
-        source, name = str(assets.tweets_csv()), cfg.name or "tweets"
+        source = str(assets.tweets_csv())
         cols = {"text": "text", "text_b": None, "label": "sentiment", "id": None, "split": None}
-        label_names = cfg.label_names or TWEETS_LABELS
-        records, bad = read_records(source, cols, encoding="latin-1")
-    else:
-        source, name = cfg.source, cfg.name or Path(cfg.source.rstrip("/")).stem
-        records, bad = read_records(source, _columns(cfg), cfg.delimiter, cfg.encoding)
-        label_names = cfg.label_names or sorted({str(r["label"]).strip() for r in records
-                                                 if r.get("label") is not None and r["label"] == r["label"]})
+        return source, cfg.name or "tweets", *read_records(source, cols, encoding="latin-1"), \
+            cfg.label_names or TWEETS_LABELS
+    records, bad = read_records(cfg.source, _columns(cfg), cfg.delimiter, cfg.encoding)
+    return cfg.source, cfg.name or Path(cfg.source.rstrip("/")).stem, records, bad, cfg.label_names
+
+
+def prepare(cfg: DataConfig, inputs: dict | None = None) -> dict:
+    """Read, validate and split cfg.source into cfg.out_dir; meta.json records the inputs."""
+    check_config(cfg)
+    check_output_dir(cfg.out_dir, "data.out_dir")
+    inputs = inputs or data_inputs(cfg)
+    source, name, records, bad, given_names = _read_source(cfg)
+    labels = resolve_labels([r.get("label") for r in records], given_names, cfg.fold_label_case, source)
+    if labels.merged:
+        print(labels.merged_line())
     quarantine = Quarantine()
     file_name = Path(source).name
     for line, reason in bad:
         quarantine.add(f"{file_name} line {line}", reason)
     given = {} if cfg.logits_column else None
-    table = build_rows(records, source=name, file_name=file_name, label_names=label_names, quarantine=quarantine,
-                       given_logits=given)
+    table = build_rows(records, source=name, file_name=file_name, labels=labels, quarantine=quarantine,
+                       given_logits=given, keep_repeats=bool(cfg.split_column))
+    undecodable = quarantine.counts().get("undecodable bytes", 0)
+    hint = f"; not {cfg.encoding}? set data.encoding" if undecodable else ""
     if table.num_rows == 0:
-        raise UserError(f"{source}: no usable rows ({quarantine.counts()})")
+        raise UserError(f"{source}: no usable rows ({quarantine.counts()}){hint}")
+    if undecodable:
+        print(f"data: {undecodable} row(s) with undecodable bytes quarantined{hint}")
+    classes = set(table.column("label").drop_null().to_pylist())
+    if len(labels.names) == 1 or (len(classes) == 1 and not given_names):  # given names: the teacher refuses
+        raise UserError(f"{source}: one class only ({labels.names[min(classes, default=0)]!r}): a classifier needs "
+                        "at least two (wrong data.label_column?)")
     if cfg.split_column:
         bad_split = set(table.column("split").to_pylist()) - set(SPLITS)
         if bad_split:
             raise UserError(f"{source}: field {cfg.split_column!r} has values {sorted(bad_split)}; expected {SPLITS}")
     else:
         table = split_rows(table, cfg)
+    parts = _by_split(table)
+    missing, shared = _label_warnings(parts, labels.names), _shared_with_train(parts)
+    if missing:
+        print(f"labels: {', '.join(f'{k!r} ({n} rows)' for k, n in missing.items())} in dev/test but not in train: "
+              "the teacher never learns them")
+    if any(shared.values()):
+        print(f"data: {shared['dev']} dev and {shared['test']} test rows repeat a train text (possible leakage; kept)")
     out = Path(cfg.out_dir)
+    for stale in ("meta.json", "quarantine.jsonl", GIVEN_LOGITS):  # a crash below must not leave old meta over new rows
+        (out / stale).unlink(missing_ok=True)
     counts = {}
-    for split in SPLITS:
-        part = table.filter(pa.compute.equal(table.column("split"), split))
+    for split, part in parts.items():
         write_rows(part, out / f"{split}.parquet")
         counts[split] = part.num_rows
     quarantine.write(out / "quarantine.jsonl")
     if given is not None:
         write_given_logits(out, table.column("row_id").to_pylist(), given)
-    meta = {"name": name, "source": source, "label_names": label_names, "rows_in": len(records) + len(bad),
+    meta = {"name": name, "source": source, "label_names": labels.names, "rows_in": len(records) + len(bad),
             "rows": counts, "quarantined": quarantine.counts(), "unlabelled": table.column("label").null_count,
-            "fingerprint": table_fingerprint(table)}
+            "fingerprint": table_fingerprint(table), "data_fingerprint": rows_fingerprint(table),
+            "labels_merged": labels.merged, "labels_missing_from_train": missing, "shared_with_train": shared,
+            "inputs": inputs}
     if given is not None:
         meta["given_logits"] = {"column": cfg.logits_column, "rows": table.num_rows}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))

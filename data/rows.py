@@ -1,8 +1,8 @@
 """Rows: the unit every stage reads and writes.
 
 A row table is an Arrow table with ROW_SCHEMA. `row_id` is a stable hash of the row's
-source and text, so ids survive re-splitting, re-ordering and re-running; nothing
-downstream depends on row order.
+source and text (plus its position, for a repeated text the data's own split keeps), so
+ids survive re-splitting, re-ordering and re-running; nothing downstream depends on row order.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.io import UserError, atomic_write_bytes
+from data.labels import Labels, is_missing_label
 
 ROW_SCHEMA = pa.schema(
     [
@@ -99,19 +100,22 @@ def build_rows(
     *,
     source: str,
     file_name: str,
-    label_names: list[str],
+    labels: Labels,
     quarantine: Quarantine,
     default_split: str = "train",
     truncate_chars: int = MAX_TEXT_CHARS,
     given_logits: dict | None = None,
+    keep_repeats: bool = False,
 ) -> pa.Table:
     """Validate raw records {text, text_b?, label?, split?, id?, logits?} into a ROW_SCHEMA table.
 
     Empty text, unknown labels, duplicate ids and (when `given_logits` is a dict: the user
-    supplies teacher logits) logits that are not len(label_names) finite numbers go to
+    supplies teacher logits) logits that are not len(labels.names) finite numbers go to
     `quarantine` with file/row/field; good logits land in `given_logits[row_id]`.
+    Without an id column a row's id hashes its text, so a repeated text is a duplicate id,
+    unless `keep_repeats` (the data brings its own split, which must stay whole): then a
+    repeat's id also hashes its position in the source (still the same on every run).
     """
-    label_index = {name: i for i, name in enumerate(label_names)}
     seen: set[str] = set()
     out: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
     for i, rec in enumerate(records):
@@ -137,26 +141,23 @@ def build_rows(
                 quarantine.add(f"{where} field text_b", "empty second sentence")
                 continue
         label = rec.get("label")
-        if isinstance(label, str) and not label.strip():
-            label = None  # an empty CSV cell: an unlabelled row
-        if label is not None and label == label:  # not None / NaN
-            key = str(label).strip()
-            if key in label_index:
-                label = label_index[key]
-            elif key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names) and key not in label_index:
-                label = int(key)
-            else:
-                quarantine.add(f"{where} field label", f"label not in {label_names}", label)
-                continue
+        if is_missing_label(label):
+            label = None  # an empty cell: an unlabelled row
+        elif (index := labels.index(label)) is not None:
+            label = index
         else:
-            label = None
+            quarantine.add(f"{where} field label", f"label not in {labels.names}", label)
+            continue
         logits = None
         if given_logits is not None:
-            logits, reason = parse_logits(rec.get("logits"), len(label_names))
+            logits, reason = parse_logits(rec.get("logits"), len(labels.names))
             if reason:
                 quarantine.add(f"{where} field logits", reason, rec.get("logits"))
                 continue
-        row_id = str(rec["id"]) if rec.get("id") not in (None, "") else make_row_id(source, text, text_b)
+        own_id = rec.get("id") not in (None, "")
+        row_id = str(rec["id"]) if own_id else make_row_id(source, text, text_b)
+        if row_id in seen and keep_repeats and not own_id:
+            row_id = make_row_id(f"{source}#{rec.get('_line', i + 1)}", text, text_b)
         if row_id in seen:
             quarantine.add(f"{where} field id", "duplicate row id", row_id)
             continue

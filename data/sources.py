@@ -5,13 +5,18 @@ Every problem names the file, row and field.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
-import math
+import sys
+from collections import Counter
 from pathlib import Path
 
-from data.io import UserError
+from data.io import UserError, sha256_file, sha256_tree
+
+# The over-long-row quarantine (data.rows) judges long fields; the csv module must not refuse them first.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _pick(rec: dict, columns: dict[str, str | None], where: str) -> dict:
@@ -31,20 +36,44 @@ def _check_columns(present: list[str], columns: dict[str, str | None], where: st
             raise UserError(f"{where}: column {col!r} (for {key}) not found; columns are {present}{hint}")
 
 
+def _decoder(encoding: str) -> str:
+    """data.encoding as a codec name; UTF-8 reads as utf-8-sig so Excel's BOM stays out of the first column."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"data.encoding: unknown encoding {encoding!r}") from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def _check_header(path: Path, header: list[str], columns: dict, encoding: str) -> None:
+    """Refuse a header decoded with the wrong encoding, or one naming a used column twice."""
+    if any("\x00" in h or "\ufffd" in h for h in header):
+        raise UserError(f"{path}: the header looks garbled ({','.join(header)[:30]!r}): the file is not {encoding}; "
+                        "set data.encoding (e.g. utf-16 or latin-1)")
+    twice = sorted(c for c, n in Counter(header).items() if n > 1 and c in columns.values())
+    if twice:
+        raise UserError(f"{path}: column(s) {twice} appear more than once in the header; rename one of each")
+
+
 def read_csv(path: Path, columns: dict, delimiter: str = ",", encoding: str = "utf-8") -> list[dict]:
     raw = path.read_bytes()
     if not raw.strip():
         raise UserError(f"{path}: empty file")
+    codec = _decoder(encoding)
     try:
-        text = raw.decode(encoding)
+        text = raw.decode(codec)
     except UnicodeDecodeError:
         # Mixed encodings: keep the row, mark undecodable bytes so the row is quarantined by name.
-        text = raw.decode(encoding, errors="replace")
+        text = raw.decode(codec, errors="replace")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if not reader.fieldnames:
-        raise UserError(f"{path}: no header row")
-    _check_columns(list(reader.fieldnames), columns, str(path))
-    records = [_pick(rec, columns, str(path)) for rec in reader]
+    try:
+        if not reader.fieldnames:
+            raise UserError(f"{path}: no header row")
+        _check_header(path, list(reader.fieldnames), columns, encoding)
+        _check_columns(list(reader.fieldnames), columns, str(path))
+        records = [_pick(rec, columns, str(path)) for rec in reader]
+    except csv.Error as e:
+        raise UserError(f"{path} line {reader.line_num}: not readable as CSV ({e})") from None
     if not records:
         raise UserError(f"{path}: header only, no rows")
     return records
@@ -52,12 +81,16 @@ def read_csv(path: Path, columns: dict, delimiter: str = ",", encoding: str = "u
 
 def read_jsonl(path: Path, columns: dict, encoding: str = "utf-8") -> tuple[list[dict], list[tuple[int, str]]]:
     records, bad = [], []
+    codec = _decoder(encoding)
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if not records and not bad and line.decode(codec, errors="replace").lstrip().startswith("["):
+                raise UserError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it, "
+                                f"e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl")
             try:
-                rec = json.loads(line.decode(encoding))
+                rec = json.loads(line.decode(codec))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 bad.append((n, f"not valid JSON ({type(e).__name__})"))
                 continue
@@ -67,6 +100,9 @@ def read_jsonl(path: Path, columns: dict, encoding: str = "utf-8") -> tuple[list
             records.append({**_pick(rec, columns, str(path)), "_line": n})
     if not records and not bad:
         raise UserError(f"{path}: empty file")
+    if not records:
+        raise UserError(f"{path}: no line is a JSON object (line {bad[0][0]}: {bad[0][1]}); "
+                        f"is it JSON Lines in {encoding}? (data.encoding)")
     present = set().union(*(r.keys() for r in records))
     missing = [c for k, c in columns.items() if c is not None and k not in present and k != "text"]
     if "text" not in present:
@@ -105,7 +141,8 @@ def read_hf_dataset(name_or_path: str, columns: dict) -> list[dict]:
         else:
             ds = datasets.load_dataset(name_or_path)
     except Exception as e:
-        raise UserError(f"{name_or_path}: cannot load as a datasets folder or hub dataset ({e})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name_or_path}: cannot load as a datasets folder or hub dataset ({reason})") from None
     is_dict = isinstance(ds, datasets.DatasetDict)
     parts = ds.items() if is_dict else [(None, ds)]
     if is_dict:  # the DatasetDict's split names stand in for a split column
@@ -126,22 +163,46 @@ def read_hf_dataset(name_or_path: str, columns: dict) -> list[dict]:
     return records
 
 
+FILE_TYPES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+
+
 def read_records(source: str, columns: dict, delimiter: str = ",", encoding: str = "utf-8") -> tuple[list[dict], list]:
     """Dispatch on the file type. Returns (records, [(line, reason)] of unparseable lines)."""
     path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".csv", ".tsv", ".txt"):
-            return read_csv(path, columns, "\t" if suffix == ".tsv" else delimiter, encoding), []
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            return read_jsonl(path, columns, encoding)
-        if suffix in (".parquet", ".pq"):
-            return read_parquet(path, columns), []
-        raise UserError(f"{path}: unknown file type {suffix!r} (CSV, TSV, JSONL, Parquet or a datasets folder)")
-    if path.is_dir() or ("/" in source and not path.exists() and not source.startswith((".", "/"))):
-        return read_hf_dataset(source, columns), []
+    try:
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in (".csv", ".tsv", ".txt"):
+                return read_csv(path, columns, "\t" if suffix == ".tsv" else delimiter, encoding), []
+            if suffix in (".jsonl", ".json", ".ndjson"):
+                return read_jsonl(path, columns, encoding)
+            if suffix in (".parquet", ".pq"):
+                return read_parquet(path, columns), []
+            raise UserError(f"{path}: unknown file type {suffix!r} (CSV, TSV, JSONL, Parquet or a datasets folder)")
+        if path.is_dir() and path.suffix.lower() in FILE_TYPES:
+            raise UserError(f"{path}: a folder, not a {path.suffix} file")
+        if path.is_dir() or ("/" in source and not path.exists() and not source.startswith((".", "/"))):
+            return read_hf_dataset(source, columns), []
+    except OSError as e:
+        raise _unreadable(e, source) from None
     raise UserError(f"{source}: no such file or folder")
 
 
-def is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _unreadable(e: OSError, source: str) -> UserError:
+    return UserError(f"{e.filename or source}: cannot read it ({e.strerror or e})")
+
+
+def source_fingerprint(source: str) -> dict:
+    """What a prepared folder was made from: a file's path, size, mtime and content hash, a folder's
+    path and tree hash, or just the name (the built-in corpus, a hub dataset)."""
+    path = Path(source)
+    if source == "tweets" or not path.exists():
+        return {"name": source}
+    try:
+        if path.is_dir():
+            return {"path": str(path.resolve()), "tree_sha256": sha256_tree(path)}
+        stat = path.stat()
+        return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "sha256": sha256_file(path)}
+    except OSError as e:
+        raise _unreadable(e, source) from None

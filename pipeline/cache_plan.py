@@ -5,11 +5,13 @@ sorted by row id and cut every `shard_rows`, and saved before any shard is writt
 A resumed run, or any rank of a torchrun job, loads the same plan instead of re-cutting,
 so shard names and contents never depend on timing, crashes or the number of ranks.
 Shard i of the plan belongs to rank i % world_size. A file lock serialises planning and
-manifest merges between ranks; no process group is needed to write a cache.
+manifest merges between ranks; no process group is needed to write a cache. A second
+lock, held for a whole run, keeps any other run (another job, or a single process) out.
 """
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from data.io import UserError, atomic_write_bytes
 
 PLAN = "plan.arrow"
 LOCK = ".lock"
+RUN_LOCK = ".run.lock"
 PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("set", pa.string()), ("row_id", pa.string())])
 
 
@@ -36,18 +39,48 @@ def cache_lock(cache_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def make_plan(sets: list[tuple[str, pa.Table]], done_ids: dict[str, set[str]], next_index: dict[str, int],
+@contextmanager
+def run_lock(cache_dir: Path, shared: bool):
+    """Held for a whole run: exclusive for one process, shared by the ranks of a torchrun job.
+
+    A second run on the same cache is refused at once (it would write the same shards,
+    perhaps with other settings); the ranks of one job coordinate through `cache_lock`.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"cache {cache_dir} is being written by another teacher-cache run (pid {holder}); "
+                            "wait for it to finish or use another cache.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def make_plan(sets: list[tuple[str, pa.Table]], done_ids: dict[str, set[str]], used: dict[str, set[int]],
               shard_rows: int) -> pa.Table:
-    """Pending rows of each set, sorted by id, cut into shards named <set>-NNNNN."""
+    """Pending rows of each set, sorted by id, cut into shards named <set>-NNNNN.
+
+    Shards take the indices no committed shard has (`used`): past the end, or the gap a
+    repaired shard left, so a repair rewrites the shard under its own name.
+    """
     shard, set_col, ids = [], [], []
     for set_name, table in sets:
         done = done_ids.get(set_name, set())
         pending = sorted(r for r in table.column("row_id").to_pylist() if r not in done)
-        start = next_index.get(set_name, 0)
-        for i, rid in enumerate(pending):
-            shard.append(f"{set_name}-{start + i // shard_rows:05d}")
-            set_col.append(set_name)
-            ids.append(rid)
+        taken = used.get(set_name, set())
+        free = (i for i in itertools.count() if i not in taken)
+        for start in range(0, len(pending), shard_rows):
+            name = f"{set_name}-{next(free):05d}"
+            chunk = pending[start : start + shard_rows]
+            shard.extend([name] * len(chunk))
+            set_col.extend([set_name] * len(chunk))
+            ids.extend(chunk)
     return pa.Table.from_pydict({"shard": shard, "set": set_col, "row_id": ids}, schema=PLAN_SCHEMA)
 
 

@@ -99,6 +99,20 @@ def _fixed_list_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
     return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
 
+def shard_problem(cache_dir: Path, info: ShardInfo, zarr: bool = True) -> str | None:
+    """What is wrong with a committed shard's files (missing, checksum mismatch), or None."""
+    path = arrow_path(cache_dir, info.name)
+    if not path.is_file():
+        return f"file {path} missing"
+    if sha256_file(path) != info.arrow_sha256:
+        return f"Arrow checksum mismatch ({path} changed or damaged)"
+    if info.zarr_sha256 and zarr:
+        zpath = zarr_path(cache_dir, info.name)
+        if not zpath.is_dir() or sha256_tree(zpath) != info.zarr_sha256:
+            return f"Zarr checksum mismatch ({zpath} changed, damaged or missing)"
+    return None
+
+
 class TeacherCache:
     """A cache folder: manifest, shard readers, checks, random access by row id."""
 
@@ -151,15 +165,9 @@ class TeacherCache:
         """Recompute checksums; a damaged shard raises with its name. Returns shards checked."""
         shards = self.shards(sets)
         for s in shards:
-            path = arrow_path(self.dir, s.name)
-            if not path.is_file():
-                raise UserError(f"shard {s.name}: file {path} missing")
-            if sha256_file(path) != s.arrow_sha256:
-                raise UserError(f"shard {s.name}: Arrow checksum mismatch ({path} changed or damaged)")
-            if s.zarr_sha256 and set(fields) & set(ZARR_FIELDS):
-                zpath = zarr_path(self.dir, s.name)
-                if not zpath.is_dir() or sha256_tree(zpath) != s.zarr_sha256:
-                    raise UserError(f"shard {s.name}: Zarr checksum mismatch ({zpath} changed, damaged or missing)")
+            problem = shard_problem(self.dir, s, zarr=bool(set(fields) & set(ZARR_FIELDS)))
+            if problem:
+                raise UserError(f"shard {s.name}: {problem}")
         return len(shards)
 
     def row_table(self, sets=None, columns=ROW_FIELDS) -> pa.Table:

@@ -24,6 +24,7 @@ from data.io import UserError, atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+STAMP = "verified.json"  # shard -> digest of its files' names, sizes and mtimes when last checksummed
 SHARD_DIR = "shards"
 
 # Field groups a loss can ask for. Arrow-backed groups are cheap; Zarr-backed ones are

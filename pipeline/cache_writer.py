@@ -3,10 +3,12 @@
 A shard is written under temporary names, fsynced, renamed into place, then recorded
 (shards/<name>.json, atomically) and only then listed in the manifest (also replaced
 atomically). Shard files without a record are unfinished work of an interrupted run and
-are removed when their shard is written again.
+are removed when their shard is written again. Each run first re-checks the committed
+shards (`CacheWriter.repair`) and un-commits damaged ones, so they are written again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -17,13 +19,16 @@ import pyarrow as pa
 
 from data.faults import crash_point
 from data.io import UserError, atomic_replace_dir, atomic_write_text, fsync_dir, sha256_file, sha256_tree
-from pipeline.cache_schema import (SHARD_DIR, FieldLayout, Manifest, ShardInfo, arrow_path, chunk_positions,
+from pipeline.cache_reader import shard_problem
+from pipeline.cache_schema import (SHARD_DIR, STAMP, FieldLayout, Manifest, ShardInfo, arrow_path, chunk_positions,
                                    record_path, row_columns, zarr_path)
 
 TMP_SUFFIX = ".partial"
 
 
-def _codec(name: str):
+def zarr_codecs(name: str):
+    """The Zarr compressors of `cache.zarr_codec`; called before anything is written, so a typo
+    cannot leave a manifest that names a codec no shard can be written with."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if name == "zstd":
@@ -32,7 +37,24 @@ def _codec(name: str):
         return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
     if name == "none":
         return None
-    raise ValueError(f"unknown zarr_codec {name!r}: zstd, blosc-lz4 or none")
+    raise UserError(f"cache.zarr_codec: unknown codec {name!r}; use zstd, blosc-lz4 or none")
+
+
+def stat_digest(cache_dir: Path, shard: str) -> str | None:
+    """Digest of a shard's file names, sizes and mtimes (None: its Arrow file is gone).
+
+    Equal to the digest stamped when the shard was last checksummed = unchanged since,
+    so an untouched cache is not rehashed on every run.
+    """
+    files = [arrow_path(cache_dir, shard), *sorted(p for p in zarr_path(cache_dir, shard).rglob("*") if p.is_file())]
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return None
+        h.update(f"{p.relative_to(cache_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
 
 
 class ShardBuffer:
@@ -110,7 +132,7 @@ def _write_zarr(buf: ShardBuffer, path: Path, codec: str) -> None:
         per_position = int(np.prod(data.shape[1:])) * data.itemsize
         arr = group.create_array(name, shape=data.shape, dtype="float16", fill_value=np.nan,
                                  chunks=(chunk_positions(per_position), *data.shape[1:]),
-                                 compressors=_codec(codec))
+                                 compressors=zarr_codecs(codec))
         arr[...] = data
 
 
@@ -157,7 +179,52 @@ class CacheWriter:
             rank = {name: i for i, name in enumerate(self.manifest.sets)}
             self.manifest.shards.sort(key=lambda s: (rank[s.set], s.name))
             self.manifest.save(self.dir)
+            # checksummed from their final files when committed: verified as of now
+            self._save_stamp({**self._stamp(), **{r.name: stat_digest(self.dir, r.name) for r in new}})
         return len(new)
+
+    def _stamp(self) -> dict[str, str]:
+        try:
+            return dict(json.loads((self.dir / STAMP).read_text())["shards"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            return {}  # no or a damaged stamp only means every shard is checksummed once more
+
+    def _save_stamp(self, stamp: dict[str, str | None]) -> None:
+        listed = {s.name for s in self.manifest.shards}
+        kept = {k: v for k, v in sorted(stamp.items()) if k in listed and v}
+        atomic_write_text(self.dir / STAMP, json.dumps({"shards": kept}, indent=0))
+
+    def repair(self) -> list[tuple[ShardInfo, str]]:
+        """Check every committed shard (under the cache lock); un-commit the damaged ones.
+
+        File sizes and mtimes are compared with the stamp on every run; checksums are
+        recomputed only for shards whose files changed since they were last verified.
+        A damaged shard loses its record, files and manifest entry, so its rows are
+        planned again and the teacher reruns for them only. Returns (shard, problem) pairs.
+        """
+        self.manifest = Manifest.load(self.dir)
+        self.merge_records()
+        stamp, damaged = self._stamp(), []
+        verified = dict(stamp)
+        for info in self.manifest.shards:
+            digest = stat_digest(self.dir, info.name)
+            if digest is not None and stamp.get(info.name) == digest:
+                continue
+            problem = shard_problem(self.dir, info)
+            if problem:
+                damaged.append((info, problem))
+            else:
+                verified[info.name] = digest
+        for info, _ in damaged:
+            record_path(self.dir, info.name).unlink(missing_ok=True)  # un-committed first
+            self.manifest.shards.remove(info)
+            self.manifest.sets[info.set]["rows"] -= info.rows
+        if damaged:
+            self.manifest.save(self.dir)
+            self.remove_unfinished({info.name for info, _ in damaged})
+        if damaged or verified != stamp:
+            self._save_stamp(verified)
+        return damaged
 
     def remove_unfinished(self, shards: set[str]) -> list[str]:
         """Delete files of the given shards that have no record (left by an interrupted run)."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from data.io import UserError
 from data.prepare import DataConfig
+from pipeline.cache_writer import zarr_codecs
 from pipeline.teacher import TeacherConfig
 
 
@@ -40,6 +41,19 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def check_settings(cfg: CacheConfig) -> None:
+    """Refuse bad cache settings before anything is written: caught at the first shard, after the
+    manifest was saved, they would leave a cache the corrected command refuses."""
+    for key in ("batch_size", "shard_rows", "writer_queue", "commit_threads"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"cache.{key}: {getattr(cfg, key)} is not a positive number")
+    if cfg.max_rows < 0:
+        raise UserError(f"cache.max_rows: {cfg.max_rows} is negative (0 = every row)")
+    if cfg.logits_from not in ("teacher", "data"):
+        raise UserError(f"cache.logits_from: {cfg.logits_from!r} is not 'teacher' or 'data'")
+    zarr_codecs(cfg.zarr_codec)
 
 
 def evenly_spaced(num_layers: int, k: int = 4) -> list[int]:

@@ -20,10 +20,12 @@ import torch
 from data import assets
 from data.metrics import classification_metrics
 from data.config import save_config
-from data.io import UserError, atomic_write_text
-from data.prepare import load_meta, load_split
+from data.io import UserError, atomic_write_text, check_output_dir, pick_device
+from data.prepare import differing_keys, load_meta, load_split
 
 METRICS = "metrics.json"
+MIN_LENGTH = 8  # [CLS], [SEP] (twice for a pair) and a few tokens of text
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer"}  # ids start at 2
 
 
 @dataclass
@@ -43,14 +45,6 @@ class TeacherConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda asked for, but no CUDA GPU is visible")
-    return torch.device(name)
-
-
 def quiet_transformers() -> None:
     import transformers
 
@@ -58,12 +52,55 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def model_path(checkpoint: str) -> str:
+    """The shipped MiniLM, a local folder or a hub name; a path that does not exist is refused as
+    such (transformers would call it a malformed repo id)."""
+    path = assets.resolve_model(checkpoint)
+    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise UserError(f"teacher checkpoint {checkpoint!r} not found: no such folder (nor a hub name)")
+    return path
+
+
+def _unloadable(checkpoint: str, e: Exception) -> UserError:
+    reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return UserError(f"cannot load teacher checkpoint {checkpoint!r}: {reason}")
+
+
+def check_config(cfg: TeacherConfig, model: str | Path | None = None) -> None:
+    """Refuse bad teacher settings before anything is written; max_length and num_layers are bounded
+    by `model`'s config (default: the checkpoint's), read without loading weights."""
+    from transformers import AutoConfig
+
+    rules = [("epochs", cfg.epochs >= 1, "at least 1"), ("batch_size", cfg.batch_size >= 1, "at least 1"),
+             ("max_length", cfg.max_length >= MIN_LENGTH, f"at least {MIN_LENGTH}"), ("lr", cfg.lr > 0, "positive"),
+             ("max_train_rows", cfg.max_train_rows >= 0, "0 (all) or more"),
+             ("num_layers", cfg.num_layers >= 0, "0 (all) or more"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1, "in [0, 1]")]
+    bad = [f"teacher.{key}={getattr(cfg, key)} (must be {rule})" for key, ok, rule in rules if not ok]
+    if bad:
+        raise UserError("; ".join(bad))
+    quiet_transformers()
+    name = str(model or cfg.checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(model_path(name))
+    except (OSError, ValueError) as e:
+        raise _unloadable(name, e) from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and config.model_type in OFFSET_POSITIONS:
+        positions -= 2
+    if positions and cfg.max_length > positions:
+        raise UserError(f"teacher.max_length={cfg.max_length}: {name} has {positions} positions; use at most that")
+    layers = getattr(config, "num_hidden_layers", 0)
+    if layers and cfg.num_layers > layers:
+        raise UserError(f"teacher.num_layers={cfg.num_layers}: {name} has {layers} layers")
+
+
 def load_classifier(checkpoint: str, num_labels: int, num_layers: int = 0, label_names=None):
     """Model + tokenizer from a checkpoint; a fresh head when the checkpoint has none."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
-    path = assets.resolve_model(checkpoint)
+    path = model_path(checkpoint)
     extra = {"num_hidden_layers": num_layers} if num_layers else {}
     if label_names:
         extra["id2label"] = dict(enumerate(label_names))
@@ -71,8 +108,8 @@ def load_classifier(checkpoint: str, num_labels: int, num_layers: int = 0, label
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
-    except OSError as e:
-        raise UserError(f"cannot load teacher checkpoint {checkpoint!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise _unloadable(checkpoint, e) from None
     return model, tokenizer
 
 
@@ -99,11 +136,18 @@ def evaluate(model, tokenizer, table, max_length: int, device, batch_size: int =
 
 
 def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
-    """Fine-tune and save the best-on-dev epoch to cfg.out_dir (written atomically)."""
+    """Fine-tune and save the best-on-dev epoch to cfg.out_dir (written atomically).
+
+    A teacher fine-tuned there on other data is replaced, after a notice: this is the explicit
+    re-train (teacher-cache refuses such a folder instead, see check_teacher_data)."""
+    check_config(cfg)
+    check_output_dir(cfg.out_dir, "teacher.out_dir")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     meta = load_meta(data_dir)
+    if why := stale_reason(cfg.out_dir, meta):
+        print(f"teacher: {cfg.out_dir} was not fine-tuned on this data ({why}): re-training it")
     train, dev = load_split(data_dir, "train"), load_split(data_dir, "dev")
     train = train.filter(train.column("label").is_valid())
     if cfg.max_train_rows and cfg.max_train_rows < train.num_rows:  # a seeded sample, not the first rows
@@ -111,6 +155,8 @@ def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
         train = train.take(keep)
     if train.num_rows == 0:
         raise UserError(f"{data_dir}: no labelled train rows to fine-tune the teacher on")
+    if len(set(train.column("label").to_pylist())) < 2:
+        raise UserError(f"{data_dir}: the labelled train rows hold one class only; a teacher needs at least two")
     device = pick_device(cfg.device)
     model, tokenizer = load_classifier(cfg.checkpoint, len(meta["label_names"]), cfg.num_layers, meta["label_names"])
     model.to(device)
@@ -157,7 +203,7 @@ def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
     best_model = AutoModelForSequenceClassification.from_pretrained(out).to(device)
     metrics = {"checkpoint": cfg.checkpoint, "best": best, "history": history, "train_rows": len(texts),
                "test": evaluate(best_model, tokenizer, test, cfg.max_length, device) if test.num_rows else None,
-               "label_names": meta["label_names"], "max_length": cfg.max_length}
+               "label_names": meta["label_names"], "max_length": cfg.max_length, "inputs": teacher_inputs(meta)}
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
     save_config(cfg, out, "teacher_config.json")
     return metrics
@@ -175,3 +221,31 @@ def _save_atomically(model, tokenizer, out: Path) -> None:
 
 def is_finetuned(path: str | Path) -> bool:
     return (Path(path) / METRICS).is_file()
+
+
+def teacher_inputs(meta: dict) -> dict:
+    """What a fine-tuned teacher is keyed by: the rows it learnt from and their class names."""
+    return {"data_fingerprint": meta.get("data_fingerprint"), "label_names": meta["label_names"]}
+
+
+def stale_reason(path: str | Path, meta: dict) -> str:
+    """How the teacher fine-tuned in `path` differs from the data `meta` describes ('': same, or none there)."""
+    if not is_finetuned(path):
+        return ""
+    try:
+        recorded = json.loads((Path(path) / METRICS).read_text()).get("inputs")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        return "an older version did not record its data"
+    differ = differing_keys(recorded, teacher_inputs(meta))
+    return f"{', '.join(differ)} differ" if differ else ""
+
+
+def check_teacher_data(path: str | Path, meta: dict) -> None:
+    """Refuse a teacher folder fine-tuned on other data: caching it would give logits of a model that
+    never saw these rows (or crash on another label count). Replacing a fine-tuned teacher is
+    `make teacher`'s explicit job, never a side effect of caching."""
+    if why := stale_reason(path, meta):
+        raise UserError(f"{path}: teacher not fine-tuned on this data ({why}); set teacher.out_dir to a new folder "
+                        "for this data, or re-train this one with `make teacher`")

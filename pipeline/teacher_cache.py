@@ -21,17 +21,17 @@ import torch
 from tqdm import tqdm
 
 from data.config import parse_cli, save_config
-from data.io import UserError, run_cli
+from data.io import UserError, check_output_dir, pick_device, run_cli
 from data.assets import resolve_model
-from data.prepare import load_given_logits, load_meta, load_split, prepare
+from data.prepare import ensure_prepared, load_given_logits, load_split
 from data.rows import read_rows, table_fingerprint
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
-                                 save_plan)
-from pipeline.cache_schema import MANIFEST, FieldLayout, Manifest, TeacherInfo, arrow_path
+                                 run_lock, save_plan)
+from pipeline.cache_schema import MANIFEST, SHARD_DIR, FieldLayout, Manifest, TeacherInfo, arrow_path
 from pipeline.cache_sync import check_target, push_built
 from pipeline.cache_writer import CacheWriter, ShardBuffer
-from pipeline.run_config import RunConfig, evenly_spaced, parse_layers
-from pipeline.teacher import finetune, is_finetuned, load_classifier, pick_device
+from pipeline.run_config import RunConfig, check_settings, evenly_spaced, parse_layers
+from pipeline.teacher import check_config, check_teacher_data, finetune, is_finetuned, load_classifier
 from pipeline.teacher_runner import TeacherRunner, WriterThread
 
 
@@ -131,34 +131,29 @@ def current_plan(writer: CacheWriter, sets: list[tuple[str, pa.Table]], shard_ro
                 raise UserError(f"cache set {set_name!r} holds {len(stale)} row(s) not in the input "
                                 f"(e.g. {min(stale)}): the data changed since the cache was built; use another "
                                 "cache.name")
-        next_index = {}
+        used: dict[str, set[int]] = {}
         for info in writer.manifest.shards:
-            next_index[info.set] = max(next_index.get(info.set, 0), int(info.name.rsplit("-", 1)[1]) + 1)
-        plan = make_plan(sets, done, next_index, shard_rows)
+            used.setdefault(info.set, set()).add(int(info.name.rsplit("-", 1)[1]))
+        plan = make_plan(sets, done, used, shard_rows)
         if plan.num_rows:
             save_plan(cache_dir, plan)
         return plan
 
 
-def _given_logits(run: RunConfig, data_dir: Path) -> dict | None:
-    """{row id: logits} when the cache takes the user's own teacher logits (cache.logits_from=data)."""
-    if run.cache.logits_from not in ("teacher", "data"):
-        raise UserError(f"cache.logits_from: {run.cache.logits_from!r} is not 'teacher' or 'data'")
-    return load_given_logits(data_dir) if run.cache.logits_from == "data" else None
+def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict, cache_dir: Path) -> CacheWriter:
+    """Create the cache (manifest first) or check that an existing one may be extended.
 
-
-def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWriter:
-    """Create the cache (manifest first) or check that an existing one may be extended."""
+    A cache that holds no shard yet takes this run's manifest: nothing in it can disagree.
+    """
     layout = resolve_layout(run.cache, model.config.num_hidden_layers)
     info = teacher_info(teacher_dir, model)
     if run.cache.logits_from == "data":
         info.logits_from = f"data:{meta['given_logits']['column']}"
     new = Manifest(teacher=info, layout=layout, max_length=run.teacher.max_length,
                    label_names=meta["label_names"], data_name=meta["name"])
-    cache_dir = Path(run.cache.root) / (run.cache.name or teacher_dir.name)
     with cache_lock(cache_dir):
-        if (cache_dir / MANIFEST).is_file():
-            manifest = Manifest.load(cache_dir)
+        manifest = Manifest.load(cache_dir) if (cache_dir / MANIFEST).is_file() else None
+        if manifest is not None and (manifest.shards or any((cache_dir / SHARD_DIR).glob("*.json"))):
             check_compatible(manifest, new, cache_dir)
         else:
             manifest = new
@@ -167,26 +162,38 @@ def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict) -> CacheWri
 
 
 def build_cache(run: RunConfig) -> dict:
-    """Cache every row of the chosen sets not cached yet; this process's share under torchrun."""
+    """Cache every row of the chosen sets not cached yet; this process's share under torchrun.
+
+    Settings are checked before anything is written; the whole run holds the cache's run
+    lock, so a second run on the same cache is refused instead of rewriting its shards.
+    """
     rank, world = rank_and_world(run.cache.rank, run.cache.world_size)
+    check_settings(run.cache)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
+    device = pick_device(run.cache.device, "cache.device", local_rank)
     check_target(run.cache.push_to)  # a missing fsspec backend fails now, not after the teacher ran
-    data_dir = Path(run.data.out_dir)
-    if not (data_dir / "meta.json").is_file():
-        prepare(run.data)
-    meta = load_meta(data_dir)
-    given = _given_logits(run, data_dir)
     teacher_dir = Path(run.teacher.out_dir)
-    if given is not None and not is_finetuned(teacher_dir):  # the logits are the user's: no fine-tuning needed
-        teacher_dir = Path(resolve_model(run.teacher.checkpoint))
-    elif not is_finetuned(teacher_dir):
+    fine_tune = not is_finetuned(teacher_dir)
+    if fine_tune and run.cache.logits_from == "data":  # the logits are the user's: the encoder only tokenises
+        teacher_dir, fine_tune = Path(resolve_model(run.teacher.checkpoint)), False
+    check_config(run.teacher, None if fine_tune else teacher_dir)
+    cache_dir = Path(run.cache.root) / (run.cache.name or teacher_dir.name)
+    check_output_dir(cache_dir, "cache.root")  # a file in the way or a read-only folder: one line, nothing done
+    with run_lock(cache_dir, shared=world > 1):
+        return _build(run, cache_dir, teacher_dir, fine_tune, device, rank, world)
+
+
+def _build(run: RunConfig, cache_dir: Path, teacher_dir: Path, fine_tune: bool, device, rank: int, world: int) -> dict:
+    data_dir = Path(run.data.out_dir)
+    meta = ensure_prepared(run.data)  # prepared again when its inputs changed, never reused silently
+    check_teacher_data(teacher_dir, meta)
+    given = load_given_logits(data_dir) if run.cache.logits_from == "data" else None
+    if fine_tune:
         print(f"no fine-tuned teacher in {teacher_dir}: fine-tuning {run.teacher.checkpoint} first")
         finetune(run.teacher, str(data_dir))
-    device = pick_device(run.cache.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     model, tokenizer = load_classifier(str(teacher_dir), len(meta["label_names"]))
     model.to(device).eval()
-    writer = open_cache(run, model, teacher_dir, meta)
+    writer = open_cache(run, model, teacher_dir, meta, cache_dir)
     sets = gather_sets(run, data_dir)
     writer.set_order = [name for name, _ in sets]
     for name, table in sets if given is not None else ():
@@ -194,6 +201,9 @@ def build_cache(run: RunConfig) -> dict:
         if missing:
             raise UserError(f"cache.logits_from=data: {len(missing)} rows of set {name} have no given logits "
                             f"(e.g. row {missing[0]}); augmented rows carry none: set cache.use_augmented=false")
+    with cache_lock(writer.dir):
+        for info, problem in writer.repair():
+            print(f"repairing shard {info.name}: {problem}; its {info.rows} rows are cached again")
     tables = {name: t for name, t in sets}
     before = {k: len(v) for k, v in cached_ids(writer.dir, Manifest.load(writer.dir)).items()}
     runner = TeacherRunner(model, tokenizer, writer.manifest.layout, run.teacher.max_length, device, run.cache.bf16,

@@ -1,21 +1,25 @@
 """`python -m pipeline.train_teacher`: prepare the data split, then fine-tune the teacher.
 
 `--data-only` stops after the split (rows validated, quarantine counted, Parquet written).
+Teacher settings are checked before the data is written, so a typo costs nothing.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from data.config import parse_cli
-from data.io import run_cli
+from data.io import check_output_dir, run_cli
 from data.prepare import prepare
 from pipeline.run_config import RunConfig
-from pipeline.teacher import finetune
+from pipeline.teacher import check_config, finetune
 
 
 def main(argv: list[str]) -> int:
     data_only = "--data-only" in argv
     run = parse_cli(RunConfig, [a for a in argv if a != "--data-only"])
+    if not data_only:
+        check_config(run.teacher)
+        check_output_dir(run.teacher.out_dir, "teacher.out_dir")
     meta = prepare(run.data)
     quarantined = sum(meta["quarantined"].values())
     print(f"data {meta['name']}: {meta['rows_in']} rows in -> {meta['rows']}, {quarantined} quarantined "

@@ -6,6 +6,8 @@ Arrow/Zarr shards); only the sizes are small so the suite runs in minutes on 2 c
 from __future__ import annotations
 
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,20 @@ from data.config import load_config  # noqa: E402
 from pipeline.run_config import RunConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (a small or read-only disk for the disk-full and permission tests);
+    the test is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
 
 
 def tiny_run_config(tmp: Path, **overrides) -> RunConfig:

@@ -92,7 +92,9 @@ def test_cache_takes_the_users_logits(tmp_path):
     """cache.logits_from=data: the cached logits are the user's, exactly; the encoder is not fine-tuned."""
     data = tmp_path / "data"
     assert prepare(data, "logits.csv", "id_column=id", "logits_column=teacher_logits").returncode == 0
-    run = load_config(RunConfig, None, [f"data.out_dir={data}", "teacher.checkpoint=minilm",
+    run = load_config(RunConfig, None, [f"data.out_dir={data}", f"data.source={BAD / 'logits.csv'}",
+                                        "data.id_column=id", "data.logits_column=teacher_logits",
+                                        "data.label_names=negative,neutral,positive", "teacher.checkpoint=minilm",
                                         f"teacher.out_dir={tmp_path / 'no-teacher'}", "teacher.max_length=32",
                                         f"cache.root={tmp_path}", "cache.name=given", "cache.logits_from=data",
                                         "cache.hidden_layers=none", "cache.attention_layers=none",

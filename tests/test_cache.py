@@ -163,8 +163,8 @@ def _cache_rows(cache_dir: Path, sets=("train", "dev", "test")) -> dict:
 def test_killed_writer_resumes_without_loss_or_duplicates(tiny_cache, tmp_path):
     run, reference = tiny_cache
     args = [sys.executable, "-m", "pipeline.teacher_cache", f"data.out_dir={run.data.out_dir}",
-            f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48", "cache.shard_rows=16",
-            "cache.batch_size=8", f"cache.root={tmp_path}", "cache.name=resumed",
+            f"data.max_rows={run.data.max_rows}", f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48",
+            "cache.shard_rows=16", "cache.batch_size=8", f"cache.root={tmp_path}", "cache.name=resumed",
             f"cache.augment_dir={tmp_path / 'none'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     manifest = tmp_path / "resumed" / MANIFEST

@@ -7,25 +7,20 @@ import sys
 import pytest
 
 from pipeline.cache_reader import TeacherCache
-from tests.conftest import REPO
+from tests.conftest import REPO, tmpfs
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    with tmpfs(tmp_path / "small", "size=6m") as mnt:
+        yield mnt
 
 
 def test_disk_full_keeps_previous_state(tiny_cache, small_disk):
     run, _ = tiny_cache
     args = [sys.executable, "-m", "pipeline.teacher_cache", f"data.out_dir={run.data.out_dir}",
-            f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48", "cache.shard_rows=16",
-            "cache.batch_size=16", f"cache.root={small_disk}", "cache.name=c",
+            f"data.max_rows={run.data.max_rows}", f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48",
+            "cache.shard_rows=16", "cache.batch_size=16", f"cache.root={small_disk}", "cache.name=c",
             f"cache.augment_dir={small_disk / 'none'}"]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-2000:]

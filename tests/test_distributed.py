@@ -16,9 +16,9 @@ SETS = ("train", "dev", "test")
 
 
 def _cache_args(run, root, name):
-    return [f"data.out_dir={run.data.out_dir}", f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48",
-            "cache.shard_rows=64", "cache.batch_size=32", f"cache.root={root}", f"cache.name={name}",
-            f"cache.augment_dir={root}/none"]
+    return [f"data.out_dir={run.data.out_dir}", f"data.max_rows={run.data.max_rows}",
+            f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48", "cache.shard_rows=64",
+            "cache.batch_size=32", f"cache.root={root}", f"cache.name={name}", f"cache.augment_dir={root}/none"]
 
 
 def _env(**extra):

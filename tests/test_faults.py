@@ -9,9 +9,10 @@ from bench.faults import cache_trials, student_trials
 
 def test_kill_inside_commit_points_then_resume(tiny_cache, tmp_path):
     run, reference = tiny_cache
-    base = ["pipeline.teacher_cache", f"data.out_dir={run.data.out_dir}", f"teacher.out_dir={run.teacher.out_dir}",
-            "teacher.max_length=48", "cache.shard_rows=64", "cache.batch_size=32", "cache.name=c",
-            "cache.splits=train,dev,test", f"cache.augment_dir={tmp_path / 'none'}"]
+    base = ["pipeline.teacher_cache", f"data.out_dir={run.data.out_dir}", f"data.max_rows={run.data.max_rows}",
+            f"teacher.out_dir={run.teacher.out_dir}", "teacher.max_length=48", "cache.shard_rows=64",
+            "cache.batch_size=32", "cache.name=c", "cache.splits=train,dev,test",
+            f"cache.augment_dir={tmp_path / 'none'}"]
     results = cache_trials(base, reference, tmp_path, trials=3, rng=random.Random(2),
                            sets=("train", "dev", "test"))
     assert [r["point"] for r in results] == ["shard-arrow-written", "shard-zarr-written", "shard-zarr-renamed"]

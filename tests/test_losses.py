@@ -148,7 +148,7 @@ def test_ce_ignores_unlabelled_and_is_zero_without_labels():
 @pytest.mark.parametrize("pseudo", [False, True])
 def test_hinton(pseudo):
     out, batch = make_student(), make_batch()
-    loss, parts = run("hinton", out, batch, alpha=0.7, t=3.0, pseudo_label=pseudo)
+    loss, parts = run("hinton", out, batch, alpha=0.7, t=3.0, pseudo_label=pseudo, ce_over="batch")
     zs, zt = np_(out.logits), np_(batch["teacher_logits"])
     rows = []
     for b in range(B):
@@ -161,13 +161,27 @@ def test_hinton(pseudo):
 @pytest.mark.parametrize("class_mean", [False, True])
 def test_tang_mse(class_mean):
     out, batch = make_student(), make_batch()
-    loss, _ = run("tang_mse", out, batch, alpha=0.3, class_mean=class_mean)
+    loss, _ = run("tang_mse", out, batch, alpha=0.3, class_mean=class_mean, ce_over="batch")
     zs, zt = np_(out.logits), np_(batch["teacher_logits"])
     rows = []
     for b in range(B):
         mse = np.sum((zt[b] - zs[b]) ** 2) / (K if class_mean else 1)
         rows.append(0.7 * mse + (0.3 * ce(zs[b], LABELS[b]) if LABELS[b] != -100 else 0.0))
     assert loss.item() == pytest.approx(np.mean(rows), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hinton", "tang_mse"])
+def test_ce_over_labelled_rows_keeps_the_gold_weight(name):
+    """ce_over=labelled: the CE term is the mean over labelled rows (2 of B here), not over all B rows."""
+    out, batch = make_student(), make_batch()
+    labelled, _ = run(name, out, batch, ce_over="labelled")
+    over_batch, _ = run(name, out, batch, ce_over="batch")
+    zs = np_(out.logits)
+    ce_labelled = (ce(zs[0], 0) + ce(zs[2], 2)) / 2
+    gold_weight = 0.5  # (1 − α) for hinton, α for tang_mse: both 0.5 by default
+    assert labelled.item() - over_batch.item() == pytest.approx(gold_weight * ce_labelled * (1 - 2 / B), rel=1e-4)
+    with pytest.raises(ValueError, match="ce_over"):
+        run(name, out, batch, ce_over="rows")
 
 
 # ---------------------------------------------------------------- PKD

@@ -53,7 +53,7 @@ def _cfg(cache_dir, out, **kw) -> TrainConfig:
 
 
 def _run(student: str, loss: str, **kw) -> RunSpec:
-    return plan_runs(TrainConfig(runs=[RunSpec(student=student, loss=loss, **kw)]))[0]
+    return plan_runs(TrainConfig(runs=[RunSpec(student=student, loss=loss, **kw)], baseline=False))[0]
 
 
 def _fixed_batch(cfg: TrainConfig, spec, encode, is_bert: bool) -> dict:

@@ -73,18 +73,26 @@ def test_distilled_bilstm_beats_chance_and_its_undistilled_twin(student_cache, t
     assert (tmp_path / "results.md").read_text().count("| bilstm-") == 2
 
 
-def test_resume_continues_after_the_last_epoch(tiny_cache, tmp_path):
+def test_resume_continues_after_the_last_epoch(tiny_cache, tmp_path, monkeypatch):
+    """Interrupted after epoch 1's checkpoint, the same config resumes at epoch 2 (another config would
+    train in another folder: tests/test_robust_train.py)."""
     _, cache_dir = tiny_cache
-    cfg = _cfg(cache_dir, tmp_path, students="textcnn", losses="ce", epochs=1)
-    first = train_run(plan_runs(cfg)[0], cfg)
+    cfg = _cfg(cache_dir, tmp_path, students="textcnn", losses="ce", epochs=2)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trainer.train.broadcast_flag", interrupt)  # right after the end-of-epoch checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train_run(plan_runs(cfg)[0], cfg)
     history = [json.loads(x) for x in (tmp_path / "textcnn-ce" / "metrics.jsonl").read_text().splitlines()
                if '"dev_accuracy"' in x]
-    cfg.epochs = 2
-    train_run(plan_runs(cfg)[0], cfg)
+    monkeypatch.undo()
+    result = train_run(plan_runs(cfg)[0], cfg)
     again = [json.loads(x) for x in (tmp_path / "textcnn-ce" / "metrics.jsonl").read_text().splitlines()
              if '"dev_accuracy"' in x]
     assert [h["epoch"] for h in again] == [1, 2] and again[0] == history[0]
-    assert first["run"] == "textcnn-ce"
+    assert result["run"] == "textcnn-ce"
 
 
 def test_load_and_predict_raw_text(tiny_cache, tmp_path):

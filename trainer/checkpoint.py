@@ -1,19 +1,25 @@
 """Resumable training checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
 A checkpoint folder holds model + optimizer tensors (model.safetensors, optim.safetensors)
-and state.json (epoch, step, loader position, RNG states, scheduler, best score). It is
-written to a temp folder and renamed, so a crash leaves the previous checkpoint whole.
+and state.json (epoch, step, loader position, RNG states, scheduler, best score, the run
+key). Checkpoints and best/ are written to `<name>.tmp` and swapped in by renames, so a
+crash or a full disk leaves the previous one whole; a checkpoint of another run (another
+key: other settings or another cache) is never loaded.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data.io import atomic_replace_dir
+from data.io import UserError, fsync_dir
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -39,18 +45,63 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) ->
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: dict) -> None:
+@contextmanager
+def _swapped_in(path: Path):
+    """Yield `<path>.tmp` to fill, then swap it in for `path`. On any failure the temp folder goes (a full
+    disk gets its space back) and a full disk is reported as OSError(ENOSPC) naming `path`, whatever raised
+    it (safetensors has its own error type), so run_cli exits 3."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_dedupe(weights), str(tmp / "model.safetensors"))
-    tensors, meta = _flatten_optimizer(opt)
-    save_file(tensors, str(tmp / "optim.safetensors"))
-    full = {**state, "optimizer": meta, "scheduler": sched.state_dict() if sched else None,
-            "torch_rng": torch.random.get_rng_state().tolist()}
-    (tmp / "state.json").write_text(json.dumps(full))
-    atomic_replace_dir(tmp, path)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _swap(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, SafetensorError) and "os error 28" in str(e)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Renames only: `path` moves to `<path>.old`, tmp to `path`, then the old one is deleted. A kill between
+    the renames leaves `.old` whole, and recover_swaps() puts it back."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swaps(folder: Path) -> None:
+    """Finish swaps a kill interrupted: an `X.old` without `X` becomes `X` again; one beside `X` goes."""
+    for old in Path(folder).glob("*.old"):
+        final = old.with_suffix("")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: dict, key: str) -> None:
+    with _swapped_in(path) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(_dedupe(weights), str(tmp / "model.safetensors"))
+        tensors, meta = _flatten_optimizer(opt)
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        full = {**state, "run_key": key, "optimizer": meta, "scheduler": sched.state_dict() if sched else None,
+                "torch_rng": torch.random.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(json.dumps(full))
+
+
+def save_best(model: torch.nn.Module, path: Path, label_names: list[str]) -> None:
+    """The best student so far, swapped in whole: a user loading best/ never sees half of two students."""
+    from trainer.students import save_student
+
+    with _swapped_in(path) as tmp:
+        save_student(model, tmp, label_names)
 
 
 def _dedupe(tensors: dict) -> dict:
@@ -63,11 +114,15 @@ def _dedupe(tensors: dict) -> dict:
     return out
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched) -> dict | None:
-    """Restore in place; returns the saved state dict, or None when there is no checkpoint."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, key: str) -> dict | None:
+    """Restore in place; returns the saved state dict, or None when there is no checkpoint. A checkpoint
+    saved under another run key is refused before anything of it is loaded."""
     if not (path / "state.json").is_file():
         return None
     state = json.loads((path / "state.json").read_text())
+    if state.get("run_key") != key:
+        raise UserError(f"{path} is a checkpoint of another run (other settings or another cache): "
+                        "delete it, or train with resume=false")
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     _restore_optimizer(opt, load_file(str(path / "optim.safetensors")), state["optimizer"])
     if sched is not None and state.get("scheduler"):

@@ -3,9 +3,11 @@
 The plan of an epoch is a pure function of (seed, epoch, rank, worker): shard blocks
 (`block_rows` rows, read whole so Zarr is read by slices, never row by row) are
 shuffled and dealt round-robin to the world × workers consumers, so no row is seen
-twice per epoch. Each consumer reads `window_blocks` blocks at a time, permutes their
-rows (a bounded shuffle buffer) and cuts them into batches, optionally bucketed by
-length. Because a window's permutation depends only on its index, a run resumed from
+twice per epoch. Each consumer reads `window_blocks` blocks at a time (0: its whole
+plan, a full shuffle), permutes their rows and cuts them into batches, optionally
+bucketed by length. Shards are written in length order, so a small window holds a few
+length clusters and bucketing makes batches length-homogeneous: both cost accuracy
+(docs/methods.md, "Training stream"), which is why training defaults to a full shuffle. Because a window's permutation depends only on its index, a run resumed from
 (epoch, batches done) skips whole windows and continues on the very same stream.
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pipeline.cache_reader import TeacherCache
 class StreamConfig:
     batch_size: int = 64
     block_rows: int = 512
-    window_blocks: int = 8  # shuffle buffer = block_rows * window_blocks rows
-    bucket_by_length: bool = True
+    window_blocks: int = 0  # shuffle buffer = block_rows * window_blocks rows; 0 = the whole plan
+    bucket_by_length: bool = False  # batches of similar length (less padding, lower accuracy)
     shuffle: bool = True
     seed: int = 0
     drop_last: bool = False
@@ -77,7 +79,7 @@ class CacheStream(IterableDataset):
         return [self.blocks[i] for i in order][consumer::consumers]
 
     def windows(self, plan: list) -> list[list]:
-        w = self.cfg.window_blocks
+        w = self.cfg.window_blocks or max(1, len(plan))
         return [plan[i : i + w] for i in range(0, len(plan), w)]
 
     def _window_batches(self, epoch: int, consumer: int, index: int, window: list) -> list[np.ndarray]:

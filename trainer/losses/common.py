@@ -110,6 +110,16 @@ def ce_rows(z_s: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(z_s, y, ignore_index=IGNORE, reduction="none")
 
 
+def ce_mean(ce: Tensor, y: Tensor, over: str) -> Tensor:
+    """Mean of per-row CE over the batch ("batch": unlabelled rows count 0, so the gold signal shrinks with the
+    share of augmented rows) or over its labelled rows only ("labelled": the gold weight stays α)."""
+    if over == "labelled":
+        return ce.sum() / (y != IGNORE).sum().clamp(min=1)
+    if over != "batch":
+        raise ValueError(f"ce_over must be 'labelled' or 'batch', got {over!r}")
+    return ce.mean()
+
+
 def kl_rows(z_s: Tensor, z_t: Tensor, t: float) -> Tensor:
     """(B,) KL(σ(z_T/t) ‖ σ(z_S/t))."""
     lt, ls = F.log_softmax(z_t / t, -1), F.log_softmax(z_s / t, -1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.losses.common import IGNORE, ce_rows, gold_labels, kl_rows, scalar
+from trainer.losses.common import IGNORE, ce_mean, ce_rows, gold_labels, kl_rows, scalar
 from trainer.losses.registry import register
 
 
@@ -33,6 +33,7 @@ class HintonParams:
     alpha: float = 0.5  # weight of the soft term
     t: float = 2.0
     pseudo_label: bool = False  # rows without a gold label get y = argmax z_T
+    ce_over: str = "labelled"  # labelled: CE mean over labelled rows | batch: over all rows (unlabelled rows 0)
 
     def __post_init__(self):
         check_alpha_t(self)
@@ -40,12 +41,12 @@ class HintonParams:
 
 @register("hinton", params=HintonParams, fields=("logits",), needs_labels=True)
 def hinton(out, batch, p: HintonParams, state):
-    """mean_rows[ α·t²·KL(σ(z_T/t)‖σ(z_S/t)) + (1−α)·CE ]; unlabelled rows: α·t²·KL only."""
+    """α·t²·mean_rows KL(σ(z_T/t)‖σ(z_S/t)) + (1−α)·CE, CE averaged as `ce_over` says."""
     z_t = batch["teacher_logits"]
     y = gold_labels(batch, z_t, p.pseudo_label)
-    kl, ce_ = kl_rows(out.logits, z_t, p.t), ce_rows(out.logits, y)
-    loss = (p.alpha * p.t ** 2 * kl + (1 - p.alpha) * ce_).mean()
-    return loss, scalar(loss=loss, kl=kl.mean(), ce=ce_.mean())
+    kl, ce_ = kl_rows(out.logits, z_t, p.t).mean(), ce_mean(ce_rows(out.logits, y), y, p.ce_over)
+    loss = p.alpha * p.t ** 2 * kl + (1 - p.alpha) * ce_
+    return loss, scalar(loss=loss, kl=kl, ce=ce_)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TangParams:
     alpha: float = 0.5  # weight of CE; (1−α) on the logit MSE
     pseudo_label: bool = False
     class_mean: bool = False  # False: ‖z_T − z_S‖² summed over K (the formula); True: mean over K
+    ce_over: str = "labelled"  # labelled: CE mean over labelled rows | batch: over all rows (unlabelled rows 0)
 
     def __post_init__(self):
         check_alpha_t(self)
@@ -60,11 +62,11 @@ class TangParams:
 
 @register("tang_mse", params=TangParams, fields=("logits",), needs_labels=True)
 def tang_mse(out, batch, p: TangParams, state):
-    """mean_rows[ α·CE + (1−α)·‖z_T − z_S‖² ] on raw logits; unlabelled rows: (1−α)·MSE only."""
+    """α·CE + (1−α)·mean_rows ‖z_T − z_S‖² on raw logits, CE averaged as `ce_over` says."""
     z_t = batch["teacher_logits"]
     y = gold_labels(batch, z_t, p.pseudo_label)
     sq = (out.logits - z_t) ** 2
-    mse = sq.mean(-1) if p.class_mean else sq.sum(-1)
-    ce_ = ce_rows(out.logits, y)
-    loss = (p.alpha * ce_ + (1 - p.alpha) * mse).mean()
-    return loss, scalar(loss=loss, mse=mse.mean(), ce=ce_.mean())
+    mse = (sq.mean(-1) if p.class_mean else sq.sum(-1)).mean()
+    ce_ = ce_mean(ce_rows(out.logits, y), y, p.ce_over)
+    loss = p.alpha * ce_ + (1 - p.alpha) * mse
+    return loss, scalar(loss=loss, mse=mse, ce=ce_)

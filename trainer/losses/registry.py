@@ -44,10 +44,11 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
+        """An unknown name is a ConfigError (a ValueError): the CLI prints it as one line, exit 2."""
         try:
             return self._items[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}") from None
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -26,7 +26,7 @@ class BiLSTMConfig:
     freeze_embeddings: bool = False
     hidden_size: int = 150  # per direction: the sentence vector is 2x this
     mlp_hidden: int = 200  # ReLU layer of the head (0 = a linear head)
-    pooling: str = "last"  # "last" (final states of both directions, Tang) | "max" (over time)
+    pooling: str = "max"  # "max" (over time: +4 points on tweets, docs/methods.md) | "last" (final states, Tang)
     dropout: float = 0.1  # on the sentence features and the MLP's hidden layer
     pair: bool = False  # sentence-pair task: batches carry word_ids_b / word_lengths_b
     max_len: int | None = None  # encode_texts truncation (words)

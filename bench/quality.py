@@ -1,0 +1,232 @@
+"""Student quality side by side with references written outside the project (issue 15).
+
+One run, the same rows for everybody: the tweet corpus as a user's own Parquet file with a split column
+(8,000 train / 3,800 dev / 3,800 test, exact duplicate texts removed first), the MiniLM-L6 teacher
+fine-tuned 2 epochs, Tang augmentation (n_iter 4), one logits + [CLS] cache (configs/quality.yaml). Stage
+one runs through the project's entry points, as `make teacher-cache` would. Then, per seed:
+  - bench/reference_bilstm.py, a plain PyTorch BiLSTM that imports nothing from the project and reads the
+    cache's Arrow shards with pyarrow (plain: gold rows; distil: train + Tang rows, CE + logit MSE);
+  - the project's students through `python -m trainer.train` with the defaults (what `make student` runs);
+  - ablations: the distilled BiLSTM with one setting changed from the defaults.
+Reports mean ± s.d. over seeds of test accuracy (best dev epoch) beside the teacher and the targets.
+Finished runs are kept under work/quality/runs/ and reused, so an interrupted benchmark resumes.
+
+    python bench/quality.py [seeds=0,1,2] [jobs=2] [threads=1] [stage_one_threads=1] [only=name,...]
+                            [groups=main,ablation] [stage_one=reuse]
+
+stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only).
+
+jobs runs that many trainings at once (each with `threads` torch threads); a 2-core machine gets more from
+two 1-thread LSTMs than from one 2-thread one. Results: bench/results/quality.json and quality.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from data import assets  # noqa: E402
+from data.io import atomic_write_text  # noqa: E402
+
+WORK = ROOT / "work" / "quality"
+CONFIG = "configs/quality.yaml"
+CACHE = WORK / "cache" / "minilm-tweets"
+SPLIT = {"train": 8000, "dev": 3800, "test": 3800}
+TANG_ROWS = ["data_dir=work/quality/data", "out_dir=work/quality/augment", "cache_dir=work/quality/augment/cache",
+             "tang.n_iter=4"]
+TEACHER = "work/quality/teacher"
+
+
+def run(student, loss, **extra) -> dict:
+    return {"student": student, "loss": loss, **extra}
+
+
+# name -> (group, what to run); project runs take `overrides` (TrainConfig key=value) and a RunSpec.
+JOBS = {
+    "reference-bilstm-plain": ("main", {"reference": "plain"}),
+    "bilstm-ce": ("main", {"spec": run("bilstm", "ce")}),
+    "reference-bilstm-distil": ("main", {"reference": "distil"}),
+    "bilstm-tang_mse": ("main", {"spec": run("bilstm", "tang_mse")}),
+    "bilstm-hinton": ("main", {"spec": run("bilstm", "hinton")}),
+    "textcnn-ce": ("main", {"spec": run("textcnn", "ce")}),
+    "textcnn-tang_mse": ("main", {"spec": run("textcnn", "tang_mse")}),
+    "smallbert-hinton": ("main", {"spec": run("smallbert", "hinton", epochs=3,
+                                              student_params={"source": TEACHER, "num_layers": 2})}),
+    # one change at a time from the defaults of the distilled BiLSTM (bilstm-tang_mse)
+    "abl-old-defaults": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"},
+                                                  loss_params={"ce_over": "batch"}),
+                                      "overrides": ["bucket_by_length=true", "shuffle_rows=4096"]}),
+    "abl-pooling-last": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"})}),
+    "abl-bucketing": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["bucket_by_length=true"]}),
+    "abl-window-4096": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["shuffle_rows=4096"]}),
+    "abl-constant-lr": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["schedule=constant"]}),
+    "abl-plain-reference-optim": ("ablation", {"spec": run("bilstm", "ce"),
+                                               "overrides": ["schedule=constant", "warmup_ratio=0", "grad_clip=1e6"]}),
+    "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", loss_params={"class_mean": True})}),
+    "textcnn-hinton": ("main", {"spec": run("textcnn", "hinton")}),
+    "abl-plain-constant-lr": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["schedule=constant"]}),
+    "abl-ce-over-batch": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"ce_over": "batch"})}),
+    "abl-mse-class-mean": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"class_mean": True})}),
+}
+# target: (job, allowed gap below the reference, reference) — reference "teacher" or a job name
+TARGETS = [("bilstm-ce", 0.0, "reference-bilstm-plain"), ("bilstm-tang_mse", 0.015, "teacher"),
+           ("bilstm-hinton", 0.015, "teacher"), ("textcnn-tang_mse", 0.025, "teacher"),
+           ("smallbert-hinton", 0.01, "teacher")]
+
+
+def sh(args: list[str], env: dict | None = None) -> None:
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, cwd=ROOT, check=True, env=env)
+
+
+def _decode(raw: bytes) -> str | None:
+    """The corpus mixes encodings: rows that are not UTF-8 are left out (the project would quarantine them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def make_split(path: Path, seed: int = 0) -> None:
+    """The corpus as a user's own file: distinct texts, a seeded permutation cut into train/dev/test."""
+    if path.is_file():
+        return
+    table = pacsv.read_csv(assets.tweets_csv())
+    texts = [_decode(t) for t in table.column("text").to_pylist()]
+    labels = table.column("sentiment").to_pylist()
+    seen, keep = set(), []
+    for i, t in enumerate(texts):
+        key = " ".join((t or "").split()).lower()
+        if key and key not in seen:
+            seen.add(key)
+            keep.append(i)
+    order = np.random.default_rng(seed).permutation(keep)
+    splits = [s for s, n in SPLIT.items() for _ in range(n)]
+    rows = order[: len(splits)]
+    out = pa.table({"text": [texts[i] for i in rows], "label": [labels[i] for i in rows], "split": splits})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(out, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def threads_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def stage_one(py: str, threads: int) -> None:
+    make_split(WORK / "tweets-split.parquet")
+    env = threads_env(threads)
+    sh([py, "-m", "pipeline.train_teacher", "--config", CONFIG, "--data-only"], env)
+    sh([py, "-m", "augment.run", "--config", "configs/augment.yaml", *TANG_ROWS], env)
+    sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG], env)  # fine-tunes the teacher unless it is
+
+
+def run_job(py: str, name: str, seed: int, threads: int) -> dict:
+    """One training (cached under work/quality/runs/); returns its result dict."""
+    done = WORK / "runs" / f"{name}-s{seed}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    _, job = JOBS[name]
+    env = threads_env(threads)
+    out_dir = WORK / "students" / f"{name}-s{seed}"
+    t0 = time.time()
+    if "reference" in job:
+        emb, index = assets.glove_paths()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sh([py, "bench/reference_bilstm.py", str(CACHE), str(emb), str(index), "--mode", job["reference"],
+            "--seed", str(seed), "--out", str(out_dir / "result.json")], env)
+        result = json.loads((out_dir / "result.json").read_text())
+    else:
+        spec = json.dumps({**job["spec"], "name": name})
+        sh([py, "-m", "trainer.train", f"cache={CACHE}", f"runs=[{spec}]", f"seed={seed}", f"out_dir={out_dir}",
+            "measure_latency=false", "checkpoint_every=0", "baseline=false", *job.get("overrides", [])], env)
+        result = json.loads((out_dir / "results.json").read_text())[0]
+    result.update(job=name, seed=seed, wall_seconds=round(time.time() - t0, 1))
+    atomic_write_text(done, json.dumps(result, indent=2))
+    return result
+
+
+def summarise(results: list[dict], teacher: float | None) -> dict:
+    by_job: dict[str, list[dict]] = {}
+    for r in results:
+        by_job.setdefault(r["job"], []).append(r)
+    rows = {}
+    for name, rs in by_job.items():
+        acc = [r["test_accuracy"] for r in rs]
+        dev = [r["dev_accuracy"] for r in rs]
+        rows[name] = {"group": JOBS[name][0], "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                      "test_mean": statistics.mean(acc), "test_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                      "dev_mean": statistics.mean(dev), "test": acc,
+                      "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in rs)}
+    targets = []
+    for job, gap, ref in TARGETS:
+        base = teacher if ref == "teacher" else rows.get(ref, {}).get("test_mean")
+        if job in rows and base is not None:
+            need = base - gap
+            targets.append({"job": job, "measured": rows[job]["test_mean"], "needed": need, "reference": ref,
+                            "met": rows[job]["test_mean"] >= need})
+    return {"teacher_test_accuracy": teacher, "runs": rows, "targets": targets}
+
+
+def markdown(summary: dict, wall: float) -> str:
+    t = summary["teacher_test_accuracy"]
+    lines = ["# Student quality (bench/quality.py)\n",
+             f"Teacher (MiniLM-L6, fine-tuned 2 epochs): test accuracy {100 * t:.1f}.  " if t else "",
+             f"Split: {SPLIT['train']:,} train / {SPLIT['dev']:,} dev / {SPLIT['test']:,} test tweets; Tang n_iter 4. "
+             f"Student training, all runs: {sum(r['wall_seconds_mean'] * r['n'] for r in summary['runs'].values()) / 60:.0f}"
+             f" min of wall time (2 runs at a time, 1 thread each); this invocation: {wall / 60:.1f} min.\n",
+             "| run | group | seeds | test acc (mean ± s.d.) | dev acc | Δ vs teacher | min/run |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in summary["runs"].items():
+        delta = f"{100 * (r['test_mean'] - t):+.1f}" if t else ""
+        lines.append(f"| {name} | {r['group']} | {r['n']} | {100 * r['test_mean']:.1f} ± {100 * r['test_sd']:.1f} | "
+                     f"{100 * r['dev_mean']:.1f} | {delta} | {r['wall_seconds_mean'] / 60:.1f} |")
+    lines += ["", "| target | measured | needed | met |", "|---|---|---|---|"]
+    for g in summary["targets"]:
+        lines.append(f"| {g['job']} ≥ {g['reference']} − gap | {100 * g['measured']:.1f} | {100 * g['needed']:.1f} | "
+                     f"{'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(a.split("=", 1) for a in argv)
+    seeds = [int(s) for s in opts.get("seeds", "0,1,2").split(",")]
+    groups = opts.get("groups", "main,ablation").split(",")
+    names = opts["only"].split(",") if "only" in opts else [n for n, (g, _) in JOBS.items() if g in groups]
+    unknown = set(names) - set(JOBS)
+    if unknown:
+        sys.exit(f"unknown job(s) {sorted(unknown)}; known: {list(JOBS)}")
+    py = sys.executable
+    t0 = time.time()
+    if opts.get("stage_one") == "reuse" and (CACHE / "manifest.json").is_file():
+        print(f"stage_one=reuse: training from the cache already at {CACHE}")
+    else:
+        stage_one(py, int(opts.get("stage_one_threads", 1)))
+    work = [(n, s) for s in seeds for n in names]  # seed by seed: a cut-short invocation still compares like with like
+    with ThreadPoolExecutor(int(opts.get("jobs", 2))) as pool:
+        results = list(pool.map(lambda job: run_job(py, *job, int(opts.get("threads", 1))), work))
+    done = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*.json"))]  # earlier invocations too
+    teacher = next((r["teacher_test_accuracy"] for r in done if r.get("teacher_test_accuracy") is not None), None)
+    summary = summarise([r for r in done if r["job"] in JOBS], teacher)
+    summary["invocation"] = {"jobs": names, "seeds": seeds, "wall_seconds": round(time.time() - t0, 1),
+                             "new_runs": len(results)}
+    out = Path(opts.get("out", ROOT / "bench" / "results" / "quality.json"))
+    atomic_write_text(out, json.dumps(summary, indent=2))
+    atomic_write_text(out.with_suffix(".md"), markdown(summary, time.time() - t0))
+    print(markdown(summary, time.time() - t0))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
