@@ -33,7 +33,7 @@ class HintonParams:
     alpha: float = 0.5  # weight of the soft term
     t: float = 2.0
     pseudo_label: bool = False  # rows without a gold label get y = argmax z_T
-    ce_over: str = "labelled"  # labelled: CE mean over labelled rows | batch: over all rows (unlabelled rows 0)
+    ce_over: str = "batch"  # batch: CE mean over all rows (unlabelled rows 0) | labelled: over labelled rows
 
     def __post_init__(self):
         check_alpha_t(self)
@@ -54,7 +54,7 @@ class TangParams:
     alpha: float = 0.5  # weight of CE; (1−α) on the logit MSE
     pseudo_label: bool = False
     class_mean: bool = False  # False: ‖z_T − z_S‖² summed over K (the formula); True: mean over K
-    ce_over: str = "labelled"  # labelled: CE mean over labelled rows | batch: over all rows (unlabelled rows 0)
+    ce_over: str = "batch"  # batch: CE mean over all rows (unlabelled rows 0) | labelled: over labelled rows
 
     def __post_init__(self):
         check_alpha_t(self)
