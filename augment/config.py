@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 
 from data.config import ConfigError
-from data.io import UserError
 
 METHODS = ("tang", "tinybert")
 
@@ -103,20 +102,6 @@ class AugmentConfig:
 
 
 OPERATIONAL = {"mlm_dir", "device"}  # where, not what: kept out of provenance (CPU output bytes never change)
-
-
-def resolve_device(device: str) -> str:
-    """tinybert.device as a torch device string: "auto" = cuda when torch sees a GPU, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise UserError(f"tinybert.device: {device} requested but torch sees "
-                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} GPU(s); use auto or cpu")
-    return device
 
 
 def method_params(cfg: AugmentConfig, method: str) -> dict:

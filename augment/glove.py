@@ -15,53 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from augment.parts import stable_key, write_parquet
-from data.io import UserError
+from data.vectors import SHIPPED, load_vectors, vector_file
 
 NN_SCHEMA = pa.schema([("word", pa.string()), ("neighbours", pa.list_(pa.string()))])
 
 
-def load_vectors(spec: str, limit: int = 0):
-    """gensim KeyedVectors from the shipped npy+parquet, or a user GloVe/word2vec text or .bin file.
-
-    `limit` keeps the first words only (0 = all).
-    """
-    from gensim.models import KeyedVectors
-
-    if spec == "shipped":
-        from data.assets import glove_paths
-
-        emb_path, index_path = glove_paths()
-        words = pq.read_table(index_path).column("index").to_pylist()
-        emb = np.load(emb_path, mmap_mode="r")
-        n = min(limit or len(words), len(words))
-        kv = KeyedVectors(vector_size=emb.shape[1])
-        kv.add_vectors([str(w) for w in words[:n]], np.asarray(emb[:n], dtype=np.float32))
-        return kv
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"tinybert.glove: {path} not found (give a GloVe/word2vec file or 'shipped')")
-    binary = path.suffix == ".bin"
-    try:
-        if binary:
-            kv = KeyedVectors.load_word2vec_format(str(path), binary=True, limit=limit or None)
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                first = f.readline().split()
-            has_header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec text vs GloVe text
-            kv = KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=not has_header,
-                                                   limit=limit or None, unicode_errors="replace")
-    except (ValueError, UnicodeDecodeError, EOFError) as e:
-        raise UserError(f"tinybert.glove: {path} is not a GloVe/word2vec file ({e})") from None
-    return kv
-
-
 def vectors_identity(spec: str, limit: int) -> str:
     """Names the vectors without loading them, so a warm neighbour table needs no GloVe load."""
-    if spec == "shipped":
+    if spec in SHIPPED:
         return f"glove-6B-50d:{limit or 'all'}"
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"tinybert.glove: {path} not found (give a GloVe/word2vec file or 'shipped')")
+    path = vector_file(spec, "tinybert.glove")
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
     return f"{path.name}:{path.stat().st_size}:{head}:{limit or 'all'}"
@@ -100,7 +63,7 @@ class NeighbourTable:
 
     def _vectors(self):
         if self._kv is None:
-            self._kv = load_vectors(self.spec, self.limit)
+            self._kv = load_vectors(self.spec, "tinybert.glove", self.limit)
         return self._kv
 
     def path(self) -> Path:

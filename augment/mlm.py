@@ -13,17 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
-from data.io import UserError, atomic_replace_dir, atomic_write_text, sha256_tree
+from data.io import UserError, atomic_replace_dir, atomic_write_text, quiet_transformers, sha256_tree
 
 META = "distil_mlm.json"
-
-
-def quiet_transformers() -> None:
-    """Load reports and weight-loading bars are noise in a CLI that loads one model."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _mask_batch(ids, special, mask_id: int, vocab: int, gen):

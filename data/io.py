@@ -1,4 +1,4 @@
-"""Small I/O helpers every stage shares: atomic writes, checksums, one-line CLI errors."""
+"""Small helpers every stage shares: atomic writes, checksums, the device picker, one-line CLI errors."""
 from __future__ import annotations
 
 import errno
@@ -117,6 +117,14 @@ def pick_device(name: str, setting: str = "device", local_rank: int | None = Non
     if device.type == "cuda" and (device.index or 0) >= gpus:
         raise UserError(f"{setting}={name} asked for, but {gpus or 'no'} CUDA GPU(s) are visible; use auto or cpu")
     return device
+
+
+def quiet_transformers() -> None:
+    """Load reports and weight-loading bars are noise in a CLI that loads a model (every stage loads one)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class Interrupted(KeyboardInterrupt):

@@ -190,7 +190,8 @@ class TeacherCache:
         return sum(s.rows for s in self.manifest.shards)
 
     def lookup(self, row_id: str, fields=("logits",)) -> dict:
-        """One row by id, as a dict of single values (random access; fine for joins, not for training)."""
+        """One row by id, as a dict of single values: random access for joins by row id (Dynamic KD's second
+        teacher, per training row); a stream of rows reads whole windows with reader() instead."""
         if row_id not in self._index:
             raise KeyError(f"row {row_id} not in cache {self.dir}")
         shard, i = self._index[row_id]

@@ -1,4 +1,4 @@
-"""`python -m pipeline.teacher`: fine-tune any HF encoder checkpoint for sequence classification.
+"""Fine-tune any HF encoder checkpoint for sequence classification (`python -m pipeline.train_teacher`).
 
 AdamW, linear warm-up + decay, gradient clipping, dev evaluation each epoch, the best
 epoch kept as a normal HF folder (config, safetensors, tokenizer) plus metrics.json.
@@ -20,7 +20,7 @@ import torch
 from data import assets
 from data.metrics import classification_metrics
 from data.config import save_config
-from data.io import UserError, atomic_write_text, check_output_dir, pick_device
+from data.io import UserError, atomic_write_text, check_output_dir, pick_device, quiet_transformers
 from data.prepare import differing_keys, load_meta, load_split
 
 METRICS = "metrics.json"
@@ -43,13 +43,6 @@ class TeacherConfig:
     max_train_rows: int = 0  # 0 = the whole train split
     seed: int = 13
     device: str = "auto"  # auto | cpu | cuda
-
-
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def model_path(checkpoint: str) -> str:
@@ -168,12 +161,12 @@ def finetune(cfg: TeacherConfig, data_dir: str) -> dict:
     rest = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "norm"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr)
-    warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     out, best, history = Path(cfg.out_dir), None, []
     gen = torch.Generator().manual_seed(cfg.seed)
-    from tqdm import tqdm
 
     for epoch in range(cfg.epochs):
         model.train()

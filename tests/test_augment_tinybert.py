@@ -182,7 +182,7 @@ def test_last_layer_at_the_mask_only_equals_the_full_forward(env):
 def test_device_option_is_validated_resolved_and_kept_out_of_provenance(env, monkeypatch):
     import torch
 
-    from augment.config import method_params, resolve_device
+    from augment.config import method_params
     from data.config import ConfigError
 
     for bad in ("gpu", "cuda:x", "CPU", "cuda:0:1"):
@@ -192,16 +192,20 @@ def test_device_option_is_validated_resolved_and_kept_out_of_provenance(env, mon
     for ok in ("auto", "cpu", "cuda", "cuda:1"):
         AugmentConfig(tinybert=TinyBertParams(device=ok))
     assert "device" not in method_params(AugmentConfig(), "tinybert"), "where, not what: never in the rows"
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def augmenter(device):
+        return TinyBertAugmenter(TinyBertParams(device=device, glove="none"), seed=7, cache_dir=env["root"] / "cache",
+                                 data_dir=env["data"])
+
+    assert augmenter("cpu").device == "cpu"
+    assert augmenter("auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert env["aug"].parallel == (env["aug"].device == "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="tinybert.device: cuda:1 requested"):
-        resolve_device("cuda:1")
+    with pytest.raises(UserError, match="tinybert.device=cuda:1 asked for"):
+        augmenter("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    gpu = TinyBertAugmenter(TinyBertParams(device="auto", glove="none"), seed=7, cache_dir=env["root"] / "cache",
-                            data_dir=env["data"])
+    gpu = augmenter("auto")
     assert gpu.device == "cuda" and not gpu.parallel, "on a GPU chunks run in the one process holding the model"
 
 

@@ -1,5 +1,5 @@
 """The student recipe's defaults (issue 15): gold-only `ce` twins beside every distilled run, a full-shuffle
-training stream without length buckets, the schedule switch, max pooling."""
+training stream without length buckets, the schedule switch, max pooling, rare words without a vector as <unk>."""
 from __future__ import annotations
 
 import torch
@@ -71,3 +71,29 @@ def test_schedules_warm_up_then_decay_or_stay_flat():
 
 def test_bilstm_pools_by_max_by_default():
     assert BiLSTMConfig().pooling == "max"
+
+
+def test_words_without_a_vector_need_two_occurrences_before_augmentation():
+    """URL tails and typos seen once read <unk> (which training then learns); augmented copies of a row do not
+    count as a second occurrence."""
+    from data.vectors import load_vectors
+    from trainer.vocab import Vocab
+
+    known = load_vectors("glove50", "embeddings").key_to_index
+    original = ["the zzqx cat", "qqqz dog", "qqqz again"]
+    texts = original + ["the zzqx cat !", "a zzqx cat"]  # two augmented copies of the first row
+    vocab = Vocab.build(texts, pretrained=known, oov_min_freq=TrainConfig().oov_min_freq, original=original)
+    assert "zzqx" not in vocab and "qqqz" in vocab and {"the", "cat", "dog", "a", "!"} <= set(vocab.itos)
+    assert "zzqx" in Vocab.build(texts, pretrained=known, oov_min_freq=1, original=original)
+
+
+def test_rows_of_words_without_a_vector_take_oov_std():
+    from trainer.vocab import Vocab, load_embeddings
+
+    vocab = Vocab.build([" ".join(f"zq{i}x" for i in range(400)) + " the"])
+    default, missing = load_embeddings(vocab, "glove50")
+    narrow, _ = load_embeddings(vocab, "glove50", oov_std=0.3)
+    assert missing == 400
+    oov = [vocab.stoi[f"zq{i}x"] for i in range(400)]
+    assert abs(float(narrow[oov].std()) - 0.3) < 0.02 and float(default[oov].std()) > 0.6  # GloVe 50d's own std
+    assert torch.equal(narrow[vocab.stoi["the"]], default[vocab.stoi["the"]])

@@ -167,10 +167,13 @@ def test_disk_full_keeps_the_last_checkpoint(base_run, small_disk, capsys):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_epoch_resumes_to_the_same_student(base_run, tmp_path, capsys, monkeypatch, signum, code):
+def test_signal_mid_epoch_resumes_to_the_same_student(base_run, tmp_path, capsys, monkeypatch, request, signum, code):
     """A real signal right after step 2's checkpoint; the same command then ends where an uninterrupted run
     does, byte for byte."""
     cache_dir, base = base_run
+    # a suite started as a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C does not
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     save = trainer.train.save_checkpoint
 
     def save_then_signal(*args):

@@ -1,20 +1,22 @@
 """Resumable training checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
 A checkpoint folder holds model + optimizer tensors (model.safetensors, optim.safetensors)
-and state.json (epoch, step, loader position, RNG states, scheduler, best score, the run
-key). Checkpoints and best/ are written to `<name>.tmp` and swapped in by renames, so a
-crash or a full disk leaves the previous one whole; a checkpoint of another run (another
-key: other settings or another cache) is never loaded.
+and state.json (epoch, step, loader position, the Python/NumPy/torch/CUDA RNG states, scheduler,
+best score, the run key). Checkpoints and best/ are written to `<name>.tmp` and swapped in by
+renames, so a crash or a full disk leaves the previous one whole; a checkpoint of another run
+(another key: other settings or another cache) is never loaded.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -92,7 +94,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: dict,
         tensors, meta = _flatten_optimizer(opt)
         save_file(tensors, str(tmp / "optim.safetensors"))
         full = {**state, "run_key": key, "optimizer": meta, "scheduler": sched.state_dict() if sched else None,
-                "torch_rng": torch.random.get_rng_state().tolist()}
+                "rng": _rng_state()}
         (tmp / "state.json").write_text(json.dumps(full))
 
 
@@ -123,9 +125,38 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, key: str) ->
     if state.get("run_key") != key:
         raise UserError(f"{path} is a checkpoint of another run (other settings or another cache): "
                         "delete it, or train with resume=false")
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    weights = load_file(str(path / "model.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    changed = sorted(k for k, v in weights.items() if k in shapes and tuple(v.shape) != shapes[k])
+    if changed or set(weights) != set(shapes):  # same settings, another model: e.g. the vocabulary changed
+        raise UserError(f"{path} holds a student of another shape ({', '.join(changed[:3]) or 'other parameters'}; "
+                        "the vocabulary or the code changed since): delete it, or train with resume=false")
+    model.load_state_dict(weights)
     _restore_optimizer(opt, load_file(str(path / "optim.safetensors")), state["optimizer"])
     if sched is not None and state.get("scheduler"):
         sched.load_state_dict(state["scheduler"])
-    torch.random.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    _set_rng_state(state.get("rng") or {"torch": state["torch_rng"]})  # older checkpoints: torch CPU only
     return state
+
+
+def _rng_state() -> dict:
+    """Every RNG a run draws from (Python, NumPy, torch CPU and each CUDA device) as JSON, so a resumed run
+    continues each stream where it stopped."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.random.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(rng: dict) -> None:
+    """Restore what _rng_state saved; a state it lacks (an older checkpoint, a host with fewer GPUs) is left."""
+    if "python" in rng:
+        version, words, gauss = rng["python"]
+        random.setstate((version, tuple(words), gauss))
+    if "numpy" in rng:
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    for i, s in enumerate(rng.get("cuda", [])[: torch.cuda.device_count() if torch.cuda.is_available() else 0]):
+        torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)

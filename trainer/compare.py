@@ -30,6 +30,8 @@ from data.io import UserError, atomic_write_text, run_cli
 from data.metrics import classification_metrics
 from pipeline.cache_reader import TeacherCache
 from pipeline.run_config import RunConfig
+from trainer.evaluate import markdown_table
+from trainer.run_key import plan_stages
 from trainer.train import RunSpec, TrainConfig, plan_runs, train_all
 
 
@@ -108,10 +110,8 @@ def ensure_cache(config_path: str, build: bool, what: str) -> tuple[RunConfig, P
 
 def needs_second_teacher(run: RunSpec, cfg: TrainConfig) -> bool:
     from trainer.losses import get_loss
-    from trainer.stages import stages_for
 
-    stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
-    return any(get_loss(s.loss).needs_second_teacher for s in stages)
+    return any(get_loss(s.loss).needs_second_teacher for s in plan_stages(run, cfg))
 
 
 # ---------------------------------------------------------------- teacher rows
@@ -155,23 +155,11 @@ def teacher_row(name: str, cache_dir: Path, run: RunConfig, cfg: TrainConfig) ->
 
 
 # ---------------------------------------------------------------- report
-def _fmt(v, spec: str) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
 COLUMNS = [("model", "run", ""), ("student", "student", ""), ("method", "method", ""), ("teacher", "teacher", ""),
            ("dev acc", "dev_accuracy", ".4f"), ("dev F1", "dev_macro_f1", ".4f"),
            ("test acc", "test_accuracy", ".4f"), ("test F1", "test_macro_f1", ".4f"),
            ("agree w/ T (test)", "test_teacher_agreement", ".3f"), ("params", "params", ",d"),
            ("s/epoch", "epoch_seconds", ".1f"), ("ms/sent b64", "latency_b64_ms", ".2f")]
-
-
-def table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c for c, _, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---:" if f else "---" for _, _, f in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k), f) if f else str(r.get(k) or "") for _, k, f in COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([head, sep, *body])
 
 
 def orderings(rows: list[dict], se: float = 0.0) -> list[str]:
@@ -280,7 +268,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], runs: list[RunSpec], seco
     text = "\n".join([
         f"# {cfg.title}", "",
         f"Written by `python -m trainer.compare` on {time.strftime('%Y-%m-%d %H:%M')}. Methods: docs/methods.md.", "",
-        *setup, "", table(rows), "",
+        *setup, "", markdown_table(rows, COLUMNS), "",
         f"![test accuracy per run]({os.path.relpath(cfg.plot, Path(cfg.report).parent)})" if cfg.plot else "", "",
         "## Orderings", "", REFERENCE, "", "On this run:", "", *(checks or ["- (no comparable pairs)"]), "",
         "## Runs", "", *hyper, "",
@@ -306,7 +294,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
     elif need2:
         print(f"no teacher2_config: skipping {', '.join(need2)} (Dynamic KD teacher adjustment needs two teachers)")
         plan = [r for r in plan if r.name not in need2]
-    train = replace(cfg.train, cache=str(cache1), cache2=str(cache2) if cache2 else "", runs=plan)
+    train = replace(cfg.train, cache=str(cache1), cache2=str(cache2) if cache2 else "", runs=plan,
+                    seeds=[], sweep={})  # `plan` holds the seeds and sweep already
     cfg = replace(cfg, train=train)
     t_students = time.time()
     results = train_all(train)
@@ -327,7 +316,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
     save_config(cfg, report.parent, report.stem + ".config.json")
     if cfg.plot:
         write_plot(rows, Path(cfg.plot), cfg.title)
-    print(table(rows))
+    print(markdown_table(rows, COLUMNS))
     print(f"wrote {report}" + (f", {cfg.plot}" if cfg.plot else "") + f" in {(time.time() - t0) / 60:.1f} min")
     return rows
 

@@ -38,10 +38,6 @@ def wrap(model: torch.nn.Module, world: int, device: torch.device):
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def join(model: torch.nn.Module):
     """Uneven batch counts across ranks: DDP's Join keeps the collectives matched."""
     return model.join() if hasattr(model, "join") else nullcontext()
@@ -61,18 +57,7 @@ def broadcast_flag(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def gather_positions(consumed: dict[int, int], world: int) -> dict[int, int]:
-    """Every rank's loader position, merged (for a checkpoint written by rank 0)."""
-    if world == 1:
-        return dict(consumed)
-    parts = [None] * world
-    dist.all_gather_object(parts, consumed)
-    merged: dict[int, int] = {}
-    for p in parts:
-        merged.update(p)
-    return merged
-
-
-def cleanup(world: int) -> None:
-    if world > 1 and dist.is_initialized():
+def cleanup() -> None:
+    """Destroy the process group `setup` made, once every run is done (torch warns at exit otherwise)."""
+    if dist.is_initialized():
         dist.destroy_process_group()

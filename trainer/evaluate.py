@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -59,24 +60,34 @@ def cpu_latency_ms(model, texts: list[str], batch_size: int, repeats: int = 3) -
     return best * 1000
 
 
-COLUMNS = [("run", "run", "{}"), ("student", "student", "{}"), ("loss", "loss", "{}"),
-           ("dev acc", "dev_accuracy", "{:.4f}"), ("dev F1", "dev_macro_f1", "{:.4f}"),
-           ("test acc", "test_accuracy", "{:.4f}"), ("vs ce", "vs_ce", "{:+.4f}"), ("test F1", "test_macro_f1", "{:.4f}"),
-           ("params", "params", "{:,}"), ("disk MB", "disk_mb", "{:.2f}"), ("ms/sent b1", "latency_b1_ms", "{:.3f}"),
-           ("ms/sent b64", "latency_b64_ms", "{:.3f}"), ("s/epoch", "epoch_seconds", "{:.1f}"),
-           ("train s", "train_seconds", "{:.1f}")]
+COLUMNS = [("run", "run", ""), ("student", "student", ""), ("loss", "loss", ""),
+           ("dev acc", "dev_accuracy", ".4f"), ("dev F1", "dev_macro_f1", ".4f"),
+           ("test acc", "test_accuracy", ".4f"), ("vs ce", "vs_ce", "+.4f"), ("test F1", "test_macro_f1", ".4f"),
+           ("params", "params", ","), ("disk MB", "disk_mb", ".2f"), ("ms/sent b1", "latency_b1_ms", ".3f"),
+           ("ms/sent b64", "latency_b64_ms", ".3f"), ("s/epoch", "epoch_seconds", ".1f"),
+           ("train s", "train_seconds", ".1f")]
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Rows under (header, key, format spec) columns; a spec formats a right-aligned number, "" a text.
+    A missing, None or NaN value is an empty cell."""
+    def cell(v, spec: str) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return format(v, spec) if spec else str(v)
+
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    sep = "|" + "|".join("---:" if spec else "---" for _, _, spec in columns) + "|"
+    lines = ["| " + " | ".join(cell(r.get(k), spec) for _, k, spec in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *lines])
 
 
 def result_table(results: list[dict]) -> str:
-    """A Markdown table of the runs, one line each, under the teacher's line (test accuracy from the cache);
+    """The runs, one line each, under the teacher's line (test accuracy from the cache);
     "vs ce" is each distilled run's test accuracy minus its plain `ce` twin's."""
-    head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
     teacher = next((r["teacher_test_accuracy"] for r in results if r.get("teacher_test_accuracy") is not None), None)
     rows = ([{"run": "teacher (cached logits)", "test_accuracy": teacher}] if teacher is not None else []) + results
-    lines = ["| " + " | ".join(f.format(r[k]) if r.get(k) is not None else "" for _, k, f in COLUMNS) + " |"
-             for r in rows]
-    return "\n".join([head, sep, *lines])
+    return markdown_table(rows, COLUMNS)
 
 
 def write_csv(path: Path, history: list[dict]) -> None:

@@ -48,10 +48,10 @@ class CacheStream(IterableDataset):
     """Yields ready batches (dicts of tensors and lists); use DataLoader(batch_size=None)."""
 
     def __init__(self, cache_dir, sets, fields, cfg: StreamConfig, encode=None, rank: int = 0, world: int = 1,
-                 second_cache=None, second_fields=("logits",)):
+                 second_cache=None):
         self.cache_dir, self.sets, self.fields, self.cfg = cache_dir, list(sets), tuple(fields), cfg
         self.encode, self.rank, self.world = encode, rank, world
-        self.second_dir, self.second_fields = second_cache, tuple(second_fields)
+        self.second_dir = second_cache
         self.state = StreamState()
         cache = TeacherCache(cache_dir)
         cache.check_fields(self.fields)
@@ -65,11 +65,10 @@ class CacheStream(IterableDataset):
         self.num_rows = sum(b[2] - b[1] for b in self.blocks)
         if second_cache is not None:
             second = TeacherCache(second_cache)
-            second.check_fields(self.second_fields)
+            second.check_fields(("logits",))
             if second.label_names != cache.label_names:
                 raise ValueError(f"second teacher cache {second_cache} has labels {second.label_names}, "
                                  f"first has {cache.label_names}")
-            self.layout2 = {"cls_layers": second.layout.cls_layers, "num_layers": second.manifest.teacher.num_layers}
 
     def set_epoch(self, epoch: int) -> None:
         self.state = StreamState(epoch=epoch)
@@ -101,11 +100,6 @@ class CacheStream(IterableDataset):
 
     def _lengths(self, name: str, start: int, stop: int) -> np.ndarray:
         return self._cache.reader(name).table.column("length").slice(start, stop - start).to_numpy()
-
-    def batches_per_consumer(self, epoch: int, consumer: int, consumers: int) -> list[int]:
-        """Batches in each window of this consumer's plan (for resume arithmetic)."""
-        plan = self.consumer_plan(epoch, consumer, consumers)
-        return [len(self._window_batches(epoch, consumer, i, w)) for i, w in enumerate(self.windows(plan))]
 
     def __iter__(self):
         info = get_worker_info()
@@ -141,23 +135,13 @@ class CacheStream(IterableDataset):
 
     def _collate(self, rows: list[dict], consumer: int, done: int) -> dict:
         batch = collate(rows, self.fields, self.layout)
-        if self._second is not None:
-            extra = [self._second.lookup(r["row_id"], self.second_fields) for r in rows]
-            batch.update(_second_teacher(extra, self.second_fields))
-            batch["layout2"] = self.layout2
+        if self._second is not None:  # Dynamic KD's weak teacher: its logits, joined by row id
+            extra = [self._second.lookup(r["row_id"], ("logits",)) for r in rows]
+            batch["teacher2_logits"] = torch.from_numpy(np.stack([r["logits"] for r in extra]))
         if self.encode is not None:
             batch.update(self.encode(batch["text"], batch["text_b"]))
         batch["stream"] = {"consumer": consumer, "batches_done": done}
         return batch
-
-
-def _second_teacher(rows: list[dict], fields) -> dict:
-    out = {}
-    if "logits" in fields:
-        out["teacher2_logits"] = torch.from_numpy(np.stack([r["logits"] for r in rows]))
-    if "cls" in fields:
-        out["teacher2_cls"] = torch.from_numpy(np.stack([r["cls"] for r in rows]).astype(np.float32))
-    return out
 
 
 def collate(rows: list[dict], fields, layout: dict) -> dict:

@@ -21,6 +21,7 @@ from pipeline.cache_reader import TeacherCache
 from pipeline.cache_sync import open_cache
 from trainer.checkpoint import recover_swaps
 from trainer.stages import stages_for
+from trainer.sweep import run_config
 
 KEY_FILE = "run_key.json"
 ON_CHANGE = ("new", "refuse", "overwrite")
@@ -28,9 +29,11 @@ ON_CHANGE = ("new", "refuse", "overwrite")
 # what to measure afterwards. Every other field (new ones too) is part of the key. The run list and the
 # cache paths are replaced by the run's own spec and the caches' fingerprints; `epochs` by the stages.
 UNKEYED = frozenset({"cache", "cache2", "students", "losses", "runs", "epochs", "out_dir", "resume", "on_change",
-                     "log_every", "checkpoint_every", "verify", "device", "test_set", "measure_latency", "baseline"})
+                     "log_every", "checkpoint_every", "verify", "device", "test_set", "measure_latency", "baseline",
+                     "seeds", "sweep", "tensorboard"})  # a run's own seed and sweep values reach it via run_config
 AT_LEAST_ONE = ("batch_size", "epochs", "patience", "log_every")
-NOT_NEGATIVE = ("label_budget", "workers", "checkpoint_every", "max_steps_per_epoch", "weight_decay", "min_freq")
+NOT_NEGATIVE = ("label_budget", "workers", "checkpoint_every", "max_steps_per_epoch", "weight_decay", "min_freq",
+                "oov_min_freq", "oov_std")
 
 
 def plan_stages(run, cfg) -> list:
@@ -46,24 +49,33 @@ def stage_params(run, stages: list) -> list[dict]:
             for st in stages]
 
 
-def check_config(cfg, runs: list) -> None:
-    """Every setting, student and loss name of every run, before anything is read, written or trained."""
-    from trainer.losses import get_loss
-    from trainer.students import STUDENTS
-
+def _bad_settings(cfg) -> list[str]:
     bad = [f"{k}={getattr(cfg, k)} (must be >= 1)" for k in AT_LEAST_ONE if getattr(cfg, k) < 1]
     bad += [f"{k}={getattr(cfg, k)} (must be >= 0)" for k in NOT_NEGATIVE if getattr(cfg, k) < 0]
     bad += [f"{k}={getattr(cfg, k)} (must be > 0)" for k in ("grad_clip",) if getattr(cfg, k) <= 0]
     bad += [f"warmup_ratio={cfg.warmup_ratio} (must be in [0, 1])"] if not 0 <= cfg.warmup_ratio <= 1 else []
     bad += [f"on_change={cfg.on_change} (must be one of {', '.join(ON_CHANGE)})"] if cfg.on_change not in ON_CHANGE else []
+    return bad
+
+
+def check_config(cfg, runs: list) -> None:
+    """Every setting, student and loss name of every run, before anything is read, written or trained."""
+    from trainer.losses import get_loss
+    from trainer.students import STUDENTS
+
+    bad = _bad_settings(cfg)
     if bad:
         raise UserError("bad settings: " + "; ".join(bad))
     for run in runs:
+        own = run_config(cfg, run)  # the run's own seed, label budget, ... (trainer/sweep.py)
+        bad = _bad_settings(own) if run.overrides else []
+        if bad:
+            raise UserError(f"run {run.name}: bad settings: " + "; ".join(bad))
         if run.student not in STUDENTS:
             raise UserError(f"run {run.name}: unknown student {run.student!r}; known: {', '.join(sorted(STUDENTS))}")
         if run.epochs < 0 or run.lr < 0:
             raise UserError(f"run {run.name}: epochs={run.epochs}, lr={run.lr} (must be >= 0; 0: the default)")
-        stages = plan_stages(run, cfg)
+        stages = plan_stages(run, own)
         for st in stages:
             get_loss(st.loss)  # an unknown name: "unknown loss 'hintn'; known: ..."
             if st.epochs < 1 or st.lr < 0:
@@ -143,4 +155,5 @@ def check_run_dirs(cfg, runs: list) -> None:
     of the config trains, and nothing is written."""
     cache = open_cache(cfg.cache)
     for run in runs:
-        claim_run_dir(run, cfg, cache, plan_stages(run, cfg), write=False)
+        own = run_config(cfg, run)
+        claim_run_dir(run, own, cache, plan_stages(run, own), write=False)

@@ -8,12 +8,12 @@ from trainer.losses.tinybert import TinyBERTSchedule
 SCHEDULES = {"tinybert": lambda: TinyBERTSchedule().stages()}
 
 
-def stages_for(loss: str, epochs: int, lr: float = 0.0, paper_epochs: bool = False) -> list[Stage]:
+def stages_for(loss: str, epochs: int, lr: float = 0.0) -> list[Stage]:
     """The stages of a named loss. A scheduled loss keeps its stages' epoch ratio scaled to
-    `epochs` (or the paper's epochs with `paper_epochs`); `lr` > 0 overrides every stage's."""
+    `epochs`; `lr` > 0 overrides every stage's."""
     if loss not in SCHEDULES:
         return [Stage(loss=loss, epochs=epochs, lr=lr)]
     plan = SCHEDULES[loss]()
     total = sum(s.epochs for s in plan)
-    return [Stage(loss=s.loss, epochs=s.epochs if paper_epochs else max(1, round(s.epochs * epochs / total)),
-                  lr=lr or s.lr, params=dict(s.params)) for s in plan]
+    return [Stage(loss=s.loss, epochs=max(1, round(s.epochs * epochs / total)), lr=lr or s.lr,
+                  params=dict(s.params)) for s in plan]

@@ -25,12 +25,14 @@ from data.io import UserError, atomic_write_text, pick_device, run_cli
 from pipeline.cache_reader import TeacherCache
 from pipeline.cache_sync import local_cache_path, open_cache
 from trainer.checkpoint import load_checkpoint, save_best, save_checkpoint
+from trainer.curves import log_epoch, log_step, open_curves
 from trainer.evaluate import evaluate, finish_run, result_table, to_device, write_csv
-from trainer.distributed import barrier, broadcast_flag, join, wrap
+from trainer.distributed import barrier, broadcast_flag, cleanup, join, wrap
 from trainer.distributed import setup as dist_setup
 from trainer.loader import CacheStream, StreamConfig
 from trainer.run_key import check_config, check_run_dirs, claim_run_dir, plan_stages
 from trainer.stages import Stage
+from trainer.sweep import expand, named, run_config, setting_of, summarise, summary_markdown, twin_tags, write_summary
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RunSpec:
     stages: list[Stage] = field(default_factory=list)  # empty: the loss's own schedule (one stage, or TinyBERT's two)
     epochs: int = 0  # 0: TrainConfig.epochs
     lr: float = 0.0  # 0: the student's default (1e-3 word students, 5e-5 small-BERT)
+    overrides: dict = field(default_factory=dict)  # TrainConfig settings of this run only (seed, label_budget, ...)
 
 
 @dataclass
@@ -54,6 +57,8 @@ class TrainConfig:
     students: list[str] = field(default_factory=lambda: ["bilstm"])  # grid: students × losses
     losses: list[str] = field(default_factory=lambda: ["hinton"])
     runs: list[RunSpec] = field(default_factory=list)  # explicit runs (replace the grid)
+    seeds: list[int] = field(default_factory=list)  # repeat every run per seed (empty: just `seed`); trainer/sweep.py
+    sweep: dict = field(default_factory=dict)  # run setting -> values, crossed: {loss_params.t: [2, 4], lr: [...]}
     train_sets: list[str] = field(default_factory=list)  # empty: train + every aug-* set
     use_augmented: bool = True
     label_budget: int = 0  # >0: keep gold labels of only this many train rows (few-labels regime)
@@ -72,6 +77,9 @@ class TrainConfig:
     seed: int = 0
     embeddings: str = "glove50"  # word students: glove50 (shipped) or a GloVe/word2vec file
     min_freq: int = 1
+    oov_min_freq: int = 2  # a word without a pretrained vector needs this many occurrences in the rows before
+    #                        augmentation, else it reads <unk> (docs/methods.md)
+    oov_std: float = 0.0  # std of the random rows of words without a vector (and <unk>); 0: the vectors' std
     workers: int = 0  # DataLoader worker processes
     verify: bool = True  # recompute shard checksums before training
     device: str = "auto"
@@ -83,6 +91,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = whole epoch (benchmarks and tests cut it)
     measure_latency: bool = True
     baseline: bool = True  # add each distilled student's plain `ce` twin (gold rows only) to the table
+    tensorboard: bool = True  # training curves in <run>/tensorboard/ (trainer/curves.py)
 
 
 def local_caches(cfg: TrainConfig) -> TrainConfig:
@@ -92,23 +101,26 @@ def local_caches(cfg: TrainConfig) -> TrainConfig:
 
 
 def plan_runs(cfg: TrainConfig) -> list[RunSpec]:
-    """The grid or the explicit runs; with `baseline`, each distilled student gets its plain `ce` twin (same
-    student and params, gold rows only) first, so the table shows what distillation bought."""
-    runs = cfg.runs or [RunSpec(student=s, loss=l) for s in cfg.students for l in cfg.losses]
+    """The grid or the explicit runs × the seeds and sweep (trainer/sweep.py); with `baseline`, each distilled
+    student gets its plain `ce` twin (same student, params and seed, gold rows only) first, so the table shows
+    what distillation bought."""
+    runs = expand(cfg.runs or [RunSpec(student=s, loss=l) for s in cfg.students for l in cfg.losses], cfg)
     if cfg.baseline:
         planned = []
-        for r in runs:
+        for r, tags in runs:
             twin = RunSpec(student=r.student, loss="ce", student_params=dict(r.student_params), epochs=r.epochs,
-                           lr=r.lr, name="" if not r.student_params else f"{r.name or r.student}-ce")
-            if r.loss != "ce" and not any(_same_student(q, twin) and q.loss == "ce" for q in runs + planned):
-                planned.append(twin)
-            planned.append(r)
+                           lr=r.lr, overrides=dict(r.overrides),
+                           name="" if not r.student_params else f"{r.name or r.student}-ce")
+            if r.loss != "ce" and not any(_same_student(q, twin) and q.loss == "ce" for q, _ in runs + planned):
+                planned.append((twin, twin_tags(tags)))
+            planned.append((r, tags))
         runs = planned
-    return [replace(r, name=r.name or f"{r.student}-{r.loss}") for r in runs]
+    return named(runs)
 
 
 def _same_student(a: RunSpec, b: RunSpec) -> bool:
-    return a.student == b.student and a.student_params == b.student_params
+    """Same student, params and per-run settings (seed, label budget): a twin, whatever the loss."""
+    return a.student == b.student and a.student_params == b.student_params and a.overrides == b.overrides
 
 
 def train_sets(cfg: TrainConfig, cache: TeacherCache, specs=()) -> list[str]:
@@ -124,6 +136,7 @@ def train_sets(cfg: TrainConfig, cache: TeacherCache, specs=()) -> list[str]:
 def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
     """The student and the text encoder its batches need (None: it reads the cached input_ids)."""
     from trainer.students import build_student
+    from data.vectors import load_vectors
     from trainer.vocab import Vocab, load_embeddings
 
     params = {"num_labels": cache.num_labels, **run.student_params}
@@ -136,11 +149,15 @@ def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
             raise UserError(f"student {run.name}: its tokenizer has {vocab_size} ids but the cache holds id {max_id}: "
                             "a small-BERT student must share the teacher's tokenizer")
         return model, None
-    rows = cache.row_table(sets, ["text", "text_b"])
-    texts_b = [t for t in rows.column("text_b").to_pylist() if t]
-    params.setdefault("pair", bool(texts_b))
-    vocab = Vocab.build(rows.column("text").to_pylist() + texts_b, min_freq=cfg.min_freq)
-    embeddings, missing = load_embeddings(vocab, cfg.embeddings)
+    rows = cache.row_table(sets, ["set", "text", "text_b"])
+    a, b, in_set = (rows.column(c).to_pylist() for c in ("text", "text_b", "set"))
+    params.setdefault("pair", any(b))
+    texts = a + [t for t in b if t]
+    original = [t for t, s in zip(a + b, in_set * 2) if t and not s.startswith("aug-")]  # before augmentation
+    vectors = load_vectors(cfg.embeddings, "embeddings")
+    vocab = Vocab.build(texts, min_freq=cfg.min_freq, pretrained=vectors.key_to_index, oov_min_freq=cfg.oov_min_freq,
+                        original=original)
+    embeddings, missing = load_embeddings(vocab, vectors, oov_std=cfg.oov_std)
     print(f"{run.name}: vocabulary {len(vocab)} words, {missing} without a pretrained vector")
     model = build_student(run.student, params, vocab=vocab, embeddings=torch.as_tensor(embeddings))
     return model, model.encode_texts
@@ -253,6 +270,7 @@ class Job:
     log: object
     steps: int
     world: int
+    curves: object = None  # rank 0's TensorBoard writer (trainer/curves.py); None: not written
 
 
 def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int, save_mid) -> tuple[float, int, int]:
@@ -292,6 +310,7 @@ def run_epoch(job: Job, epoch: int, stage: int, consumed: dict, global_step: int
                 job.log.write(json.dumps({"run": job.run.name, "stage": stage + 1, "epoch": epoch + 1,
                                           "step": global_step, "loss": loss.item(),
                                           **{k: float(v) for k, v in parts.items()}}) + "\n")
+                log_step(job.curves, global_step, parts, job.opt.param_groups[0]["lr"])
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}")
     return loss_sum / max(1, n), n, global_step
 
@@ -300,6 +319,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     """Train one student (every stage), keep the best on dev, measure it. Rank 0 returns the result."""
     from trainer.losses import get_loss, make_params
 
+    cfg = run_config(cfg, run)  # the run's own seed, label budget, ... (seeds and sweeps)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -342,6 +362,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
             best, history, global_step = state["best"], state["history"], state["global_step"]
             print(f"{run.name}: resuming stage {si + 1} at epoch {start_epoch + 1}, "
                   f"{sum(state['stream'].values())} batches into it")
+        job.curves = open_curves(out, cfg, state, stage.epochs) if lead else None
 
         def save_mid(epoch, consumed, step):
             save_checkpoint(ckpt, student, opt, sched, {"epoch": epoch, "stream": consumed, "best": best,
@@ -364,6 +385,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
                 history.append(record)
                 log.write(json.dumps({"run": run.name, **record}) + "\n")
                 log.flush()
+                log_epoch(job.curves, global_step, record)
                 print(f"{run.name} stage {si + 1} epoch {epoch + 1}: loss {loss:.4f} dev acc {dev['accuracy']:.4f} "
                       f"F1 {dev['macro_f1']:.4f} ({epoch_seconds:.1f} s)")
                 if final_stage and (best is None or dev["accuracy"] > best["dev_accuracy"]):
@@ -379,6 +401,8 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
             if broadcast_flag(stop, world):
                 break
             barrier(world)
+        if job.curves:
+            job.curves.close()
     if not lead:
         return None
     log.close()
@@ -405,16 +429,20 @@ def train_all(cfg: TrainConfig) -> list[dict]:
     local = local_caches(cfg)  # pull remote caches once for every run
     check_run_dirs(local, runs)
     results = [train_run(run, local) for run in runs]
+    cleanup()  # torchrun: every rank is past its last collective
     if results and results[0] is None:  # not rank 0: rank 0 writes the table
         return []
     for run, result in zip(runs, results):  # what distillation bought: test accuracy minus the ce twin's
         twin = next((t for q, t in zip(runs, results) if q.loss == "ce" and _same_student(q, run)), None)
         result["vs_ce"] = result["test_accuracy"] - twin["test_accuracy"] if twin and run.loss != "ce" else None
+        result["setting"] = setting_of(run)  # what repeats over seeds share
     out = Path(cfg.out_dir)
     table = result_table(results)
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     save_config(cfg, out)
+    if cfg.seeds or cfg.sweep:
+        write_summary(out, results)
     return results
 
 
@@ -424,6 +452,8 @@ def main(argv: list[str]) -> int:
     if not results:  # a rank other than 0
         return 0
     print(result_table(results))
+    if cfg.seeds or cfg.sweep:
+        print("\n" + summary_markdown(summarise(results)))
     return 0
 
 

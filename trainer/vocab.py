@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data.io import UserError, atomic_write_text
+from data.vectors import WordVectors, load_vectors
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,22 @@ class Vocab:
     pad_id, unk_id, mask_id = 0, 1, 2
 
     @classmethod
-    def build(cls, texts: Iterable[str | None], min_freq: int = 1, max_size: int | None = None) -> "Vocab":
-        """Count tokens of `texts`; keep those seen >= min_freq, at most max_size words (+ specials)."""
+    def build(cls, texts: Iterable[str | None], min_freq: int = 1, max_size: int | None = None,
+              pretrained: dict | None = None, oov_min_freq: int = 1,
+              original: Iterable[str | None] | None = None) -> "Vocab":
+        """Count tokens of `texts`; keep those seen >= min_freq, at most max_size words (+ specials).
+        With `pretrained` (word -> row of the vectors), a word without a vector also needs oov_min_freq
+        occurrences in `original` (default: `texts`; give the rows before augmentation, whose copies would
+        repeat every word): rarer ones (URL tails, typos) read <unk>, which training then learns."""
         counts = Counter(t for text in texts for t in tokenize(text))
         for s in SPECIALS:
             counts.pop(s, None)
-        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        seen = counts if original is None else Counter(t for text in original for t in tokenize(text))
+
+        def keep(w: str, c: int) -> bool:
+            return c >= min_freq and (pretrained is None or seen[w] >= oov_min_freq or vector_row(pretrained, w) >= 0)
+
+        words = sorted((w for w, c in counts.items() if keep(w, c)), key=lambda w: (-counts[w], w))
         if max_size is not None:
             words = words[:max_size]
         return cls([*SPECIALS, *words])
@@ -113,67 +124,34 @@ class Vocab:
 # ---------------------------------------------------------------- pretrained vectors
 
 
-def _glove50_lookup(words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(row index per word or -1, matrix) from the shipped GloVe 6B 50d (npy + parquet)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from data.assets import glove_paths
-
-    emb_path, index_path = glove_paths()
-    index = pq.read_table(index_path, columns=["index"]).column("index")
-    rows = pc.index_in(pa.array(words, type=pa.string()), value_set=index).fill_null(-1)
-    return rows.to_numpy(zero_copy_only=False).astype(np.int64), np.load(emb_path, mmap_mode="r")
+def vector_row(key_to_index: dict, word: str) -> int:
+    """Row of a lower-case vocabulary word in a vector file (cased files such as word2vec may only hold
+    "Paris"), -1 if absent."""
+    return next((key_to_index[c] for c in (word, word.capitalize(), word.upper()) if c in key_to_index), -1)
 
 
-def _gensim_lookup(path: Path, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Same, from a word2vec text/binary file or a GloVe text file (no header), via gensim."""
-    from gensim.models import KeyedVectors
-
-    binary = path.suffix == ".bin"
-    no_header = False
-    if not binary:
-        with open(path, encoding="utf-8", errors="ignore") as f:
-            first = f.readline().split()
-        no_header = not (len(first) == 2 and all(p.isdigit() for p in first))
-    try:
-        kv = KeyedVectors.load_word2vec_format(str(path), binary=binary, no_header=no_header, unicode_errors="ignore")
-    except Exception as e:  # gensim raises assorted errors on bad files
-        raise UserError(f"cannot read word vectors from {path}: {type(e).__name__}: {e}") from None
-    k2i = kv.key_to_index
-    rows = []
-    for w in words:  # the vocab is lower-case; cased files (word2vec) may only hold "Paris"
-        i = next((k2i[c] for c in (w, w.capitalize(), w.upper()) if c in k2i), -1)
-        rows.append(i)
-    return np.asarray(rows, dtype=np.int64), kv.vectors
-
-
-def load_embeddings(vocab: Vocab, source: str | os.PathLike = "glove50", seed: int = 0) -> tuple[torch.Tensor, int]:
+def load_embeddings(vocab: Vocab, source: str | os.PathLike | WordVectors = "glove50", seed: int = 0,
+                    oov_std: float = 0.0) -> tuple[torch.Tensor, int]:
     """(V, d) float32 initial embeddings for `vocab` and the number of words not found.
 
-    source: "glove50" (the shipped GloVe 6B 50d) or a word2vec/GloVe text or .bin file.
-    <pad> is zero; <unk>, [MASK] and missing words get seeded N(0, σ²) rows, σ the std of
-    the pretrained matrix (Kim 2014 matches the variance likewise).
+    source: "glove50" (the shipped GloVe 6B 50d), a word2vec/GloVe text or .bin file, or vectors already
+    loaded. <pad> is zero; <unk>, [MASK] and missing words get seeded N(0, oov_std²) rows; oov_std 0 takes
+    the std of the pretrained matrix (Kim 2014's variance matching).
     """
     words = vocab.itos
-    if str(source) == "glove50":
-        rows, matrix = _glove50_lookup(words)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UserError(f"word-vector file not found: {path}")
-        rows, matrix = _gensim_lookup(path, words)
+    kv = source if isinstance(source, WordVectors) else load_vectors(source, "embeddings")
+    matrix = kv.vectors
+    rows = np.array([vector_row(kv.key_to_index, w) for w in words], dtype=np.int64)
     found = rows >= 0
     found[: len(SPECIALS)] = False
     sample = np.asarray(matrix[: min(len(matrix), 20000)], dtype=np.float32)
-    sigma = float(sample.std()) if sample.size else 0.1
+    sigma = oov_std or (float(sample.std()) if sample.size else 0.1)
     gen = torch.Generator().manual_seed(seed)
     out = torch.randn(len(words), matrix.shape[1], generator=gen) * sigma
     if found.any():
         out[torch.from_numpy(found)] = torch.from_numpy(np.asarray(matrix[rows[found]], dtype=np.float32))
     out[Vocab.pad_id] = 0.0
     missing = int(len(words) - len(SPECIALS) - found.sum())
-    log.info("embeddings %s: %d/%d vocabulary words found, %d missing (random init)",
-             source, int(found.sum()), len(words) - len(SPECIALS), missing)
+    log.info("embeddings: %d/%d vocabulary words found, %d missing (random init, std %.2f)",
+             int(found.sum()), len(words) - len(SPECIALS), missing, sigma)
     return out, missing

@@ -50,7 +50,7 @@ def hinton(out, batch, p: HintonParams, state):
 
 
 @dataclass
-class TangParams:
+class TangMSEParams:
     alpha: float = 0.5  # weight of CE; (1−α) on the logit MSE
     pseudo_label: bool = False
     class_mean: bool = False  # False: ‖z_T − z_S‖² summed over K (the formula); True: mean over K
@@ -60,8 +60,8 @@ class TangParams:
         check_alpha_t(self)
 
 
-@register("tang_mse", params=TangParams, fields=("logits",), needs_labels=True)
-def tang_mse(out, batch, p: TangParams, state):
+@register("tang_mse", params=TangMSEParams, fields=("logits",), needs_labels=True)
+def tang_mse(out, batch, p: TangMSEParams, state):
     """α·CE + (1−α)·mean_rows ‖z_T − z_S‖² on raw logits, CE averaged as `ce_over` says."""
     z_t = batch["teacher_logits"]
     y = gold_labels(batch, z_t, p.pseudo_label)

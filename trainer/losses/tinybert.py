@@ -106,10 +106,12 @@ def tinybert_pred(out, batch, p: TinyBERTPredParams, state):
 
 @dataclass
 class DistillStage:
+    """One training stage of a run: a loss with its own optimiser and learning rate."""
+
     loss: str
     epochs: int
-    lr: float
-    params: dict = field(default_factory=dict)
+    lr: float = 0.0  # 0: the student's default (1e-3 word students, 5e-5 small-BERT), as RunSpec.lr
+    params: dict = field(default_factory=dict)  # the loss's parameters (a one-stage run adds the run's loss_params)
 
 
 @dataclass

@@ -9,6 +9,7 @@ the student's (masked-mean) token states with the teacher's [CLS] states.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,23 @@ from trainer.losses.types import StudentOutput
 from trainer.vocab import Vocab, load_embeddings
 
 WANT = frozenset({"hidden", "attention", "values"})
+
+
+@dataclass
+class WordConfig:
+    """The settings every word student has; BiLSTMConfig and TextCNNConfig add their encoder's."""
+
+    num_labels: int = 2
+    vocab_size: int = 0  # filled from the Vocab
+    embed_dim: int = 50  # filled from the vectors when they are loaded
+    embeddings: str | None = "glove50"  # "glove50" | word2vec/GloVe file | None (random)
+    freeze_embeddings: bool = False
+    mlp_hidden: int = 0  # ReLU layer of the head (0 = a linear head)
+    dropout: float = 0.1  # on the sentence features and the MLP's hidden layer
+    pair: bool = False  # sentence-pair task: batches carry word_ids_b / word_lengths_b
+    max_len: int | None = None  # encode_texts truncation (words)
+    seed: int = 0  # random rows of words missing from the vectors
+    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)
 
 
 def lengths_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -48,7 +66,6 @@ class WordStudent(nn.Module):
         super().__init__()
         self.config = cfg
         self.vocab = vocab
-        self.n_missing_embeddings: int | None = None
         self.label_names: list[str] | None = None
         self.projections: nn.ModuleDict | None = None
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=Vocab.pad_id)
@@ -73,16 +90,13 @@ class WordStudent(nn.Module):
             cfg.vocab_size = len(vocab)
         if not cfg.vocab_size:
             raise ValueError(f"{cls.__name__}: pass a Vocab or set vocab_size")
-        missing = None
         if init_weights and embeddings is None and cfg.embeddings:
             if vocab is None:
                 raise ValueError(f"{cls.__name__}: initialising embeddings from {cfg.embeddings!r} needs the Vocab")
-            embeddings, missing = load_embeddings(vocab, cfg.embeddings, seed=cfg.seed)
+            embeddings, _ = load_embeddings(vocab, cfg.embeddings, seed=cfg.seed)
         if init_weights and embeddings is not None:
             cfg.embed_dim = int(embeddings.shape[1])
-        model = cls(cfg, vocab=vocab, embeddings=embeddings if init_weights else None)
-        model.n_missing_embeddings = missing
-        return model
+        return cls(cfg, vocab=vocab, embeddings=embeddings if init_weights else None)
 
     def _build_head(self, feature_dim: int, mlp_hidden: int, dropout: float) -> None:
         cfg = self.config

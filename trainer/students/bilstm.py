@@ -14,24 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from trainer.students._word import WordStudent, lengths_mask
+from trainer.students._word import WordConfig, WordStudent, lengths_mask
 
 
 @dataclass
-class BiLSTMConfig:
-    num_labels: int = 2
-    vocab_size: int = 0  # filled from the Vocab
-    embed_dim: int = 50  # filled from the vectors when they are loaded
-    embeddings: str | None = "glove50"  # "glove50" | word2vec/GloVe file | None (random)
-    freeze_embeddings: bool = False
+class BiLSTMConfig(WordConfig):
     hidden_size: int = 150  # per direction: the sentence vector is 2x this
-    mlp_hidden: int = 200  # ReLU layer of the head (0 = a linear head)
+    mlp_hidden: int = 200
     pooling: str = "max"  # "max" (over time: +4 points on tweets, docs/methods.md) | "last" (final states, Tang)
-    dropout: float = 0.1  # on the sentence features and the MLP's hidden layer
-    pair: bool = False  # sentence-pair task: batches carry word_ids_b / word_lengths_b
-    max_len: int | None = None  # encode_texts truncation (words)
-    seed: int = 0  # random rows of words missing from the vectors
-    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)
 
 
 class BiLSTMStudent(WordStudent):

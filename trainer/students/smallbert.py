@@ -25,7 +25,7 @@ from torch import nn
 
 from data.assets import resolve_model
 from data.config import from_dict
-from data.io import UserError
+from data.io import UserError, quiet_transformers
 from pipeline.attention_capture import AttentionCapture
 from trainer.losses.types import StudentOutput
 from trainer.students._word import check_want
@@ -47,13 +47,6 @@ class SmallBertConfig:
     max_length: int = 128  # encode_texts truncation (WordPiece tokens)
     source_layers: list[int] | None = None  # filled in: the 1-based source layer of each student layer
     hf_config: dict | None = None  # filled in: the student's HF config (enough to rebuild it)
-
-
-def _quiet() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def pick_layers(layers, k: int, n_source: int) -> list[int]:
@@ -111,7 +104,7 @@ class SmallBertStudent(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        _quiet()
+        quiet_transformers()
         self.config = cfg
         self.tokenizer = tokenizer
         hf = AutoConfig.for_model(**cfg.hf_config)
@@ -135,7 +128,7 @@ class SmallBertStudent(nn.Module):
         are copied. `tokenizer` defaults to the source's. `vocab` is unused (word students)."""
         from transformers import AutoConfig, AutoTokenizer, BertConfig
 
-        _quiet()
+        quiet_transformers()
         cfg = from_dict(SmallBertConfig, cfg) if isinstance(cfg, dict) else dataclasses.replace(cfg)
         if cfg.init not in ("copy", "scratch"):
             raise ValueError(f"init must be 'copy' or 'scratch', got {cfg.init!r}")

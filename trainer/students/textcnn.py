@@ -14,24 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.students._word import WordStudent
+from trainer.students._word import WordConfig, WordStudent
 
 
 @dataclass
-class TextCNNConfig:
-    num_labels: int = 2
-    vocab_size: int = 0  # filled from the Vocab
-    embed_dim: int = 50  # filled from the vectors when they are loaded
-    embeddings: str | None = "glove50"  # "glove50" | word2vec/GloVe file | None (random)
-    freeze_embeddings: bool = False
+class TextCNNConfig(WordConfig):
     widths: list[int] = field(default_factory=lambda: [3, 4, 5])
     num_filters: int = 100  # feature maps per width
     mlp_hidden: int = 0  # 0 = Kim's linear head
     dropout: float = 0.5
-    pair: bool = False
-    max_len: int | None = None  # encode_texts truncation (words)
-    seed: int = 0
-    project_to: int | None = None  # teacher width d_T: adds projections["pkd"] (PKD on this student)
 
 
 class TextCNNStudent(WordStudent):
