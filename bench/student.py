@@ -159,7 +159,7 @@ def student_specs(opts: dict) -> list[tuple[str, str]]:
 
 
 def make_student(kind: str, texts: list[str], num_labels: int, seed: int):
-    """As trainer.train.build does for word students: vocabulary of the train texts, GloVe 50d."""
+    """As trainer.run_setup.build does for word students: vocabulary of the train texts, GloVe 50d."""
     torch.manual_seed(seed)
     vocab = Vocab.build(texts)
     embeddings, _ = load_embeddings(vocab, "glove50")

@@ -22,8 +22,8 @@ from trainer.compare import CompareConfig, compare
 from trainer.loader import CacheStream, StreamConfig
 from trainer.losses import get_loss, loss_names, make_params
 from trainer.stages import stages_for
-from trainer.train import (RunSpec, TrainConfig, build, default_loss_params, main, plan_runs, train_run,
-                           with_projection)
+from trainer.run_setup import build, default_loss_params, with_projection
+from trainer.train import RunSpec, TrainConfig, main, plan_runs, train_run
 
 # a small from-scratch BERT over the teacher's tokenizer: 96 wide (!= the teacher's 384, so the
 # trainer must add the projections TinyBERT/DistilBERT/PKD use), 12 heads like the teacher
