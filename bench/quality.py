@@ -156,15 +156,13 @@ def job_key(name: str) -> str:
     if "reference" in job:
         material = {"job": job, "script": hashlib.sha256((ROOT / "bench" / "reference_bilstm.py").read_bytes()).hexdigest()}
     else:
-        import yaml
-
+        from data.config import load_config
         from trainer.losses import get_loss
         from trainer.students import STUDENTS
         from trainer.train import TrainConfig
 
         spec = job["spec"]
-        train = dataclasses.asdict(TrainConfig())
-        train.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in job.get("overrides", []))})
+        train = dataclasses.asdict(load_config(TrainConfig, None, job.get("overrides", [])))  # typed as the CLI does
         material = {"run": {k: spec.get(k) for k in ("student", "loss", "epochs", "lr")},
                     "train": {k: train[k] for k in RECIPE},
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
