@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,export]'
 	touch $@
 
 assets: install            ## offline assets (models, GloVe, corpus) into .assets/
@@ -39,7 +39,7 @@ student: install           ## train students from a cache: make student STUDENT=
 	$(PY) -m trainer.train --config $(STUDENT_CONFIG) $(student_overrides) $(ARGS)
 
 compare: assets            ## every distillation method on the default corpus -> reports/compare.md, .png
-	$(PY) -m trainer.compare --config $(COMPARE_CONFIG) $(ARGS)
+	$(PY) -m recipes.compare --config $(COMPARE_CONFIG) $(ARGS)
 
 demo: assets               ## the whole job on the embedded default, on CPU, in minutes
 	$(PY) -m pipeline.train_teacher --config $(CONFIG) --data-only

@@ -67,31 +67,44 @@ JOBS = {
     "textcnn-hinton": ("main", {"spec": run("textcnn", "hinton")}),
     "smallbert-hinton": ("main", {"spec": run("smallbert", "hinton", epochs=3,
                                               student_params={"source": TEACHER, "num_layers": 2})}),
-    # one change at a time from the defaults; `oov_min_freq=1` pins a job measured before that default became 2
-    "abl-old-defaults": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"}),
+    # one change at a time from the defaults; `oov_min_freq=1`, `lr=1e-3` (BiLSTM) and `mlp_hidden: 0` (TextCNN) pin
+    # a job measured before that default changed
+    "abl-old-defaults": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3, student_params={"pooling": "last"}),
                                       "overrides": ["bucket_by_length=true", "shuffle_rows=4096", "oov_min_freq=1"]}),
-    "abl-pooling-last": ("ablation", {"spec": run("bilstm", "tang_mse", student_params={"pooling": "last"})}),
-    "abl-bucketing": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["bucket_by_length=true"]}),
-    "abl-window-4096": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["shuffle_rows=4096"]}),
-    "abl-oov-keep-all": ("ablation", {"spec": run("bilstm", "tang_mse"), "overrides": ["oov_min_freq=1"]}),
-    "abl-constant-lr": ("ablation", {"spec": run("bilstm", "tang_mse"),
+    "abl-pooling-last": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3, student_params={"pooling": "last"})}),
+    "abl-bucketing": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3), "overrides": ["bucket_by_length=true"]}),
+    "abl-window-4096": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3), "overrides": ["shuffle_rows=4096"]}),
+    "abl-oov-keep-all": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3), "overrides": ["oov_min_freq=1"]}),
+    "abl-constant-lr": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3),
                                      "overrides": ["schedule=constant", "oov_min_freq=1"]}),
-    "abl-ce-over-labelled": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"ce_over": "labelled"}),
+    "abl-ce-over-labelled": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3,
+                                                      loss_params={"ce_over": "labelled"}),
                                           "overrides": ["oov_min_freq=1"]}),
-    "abl-mse-class-mean": ("ablation", {"spec": run("bilstm", "tang_mse", loss_params={"class_mean": True})}),
-    "abl-plain-oov-keep-all": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_min_freq=1"]}),
-    "abl-plain-oov-std-0.3": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_std=0.3", "oov_min_freq=1"]}),
-    "abl-plain-epochs-8": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["epochs=8"]}),
-    "abl-plain-oov-both": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["oov_std=0.3"]}),
-    "abl-plain-constant-lr": ("ablation", {"spec": run("bilstm", "ce"), "overrides": ["schedule=constant", "oov_min_freq=1"]}),
-    "abl-plain-reference-optim": ("ablation", {"spec": run("bilstm", "ce"),
+    "abl-mse-class-mean": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3, loss_params={"class_mean": True})}),
+    "abl-plain-oov-keep-all": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3), "overrides": ["oov_min_freq=1"]}),
+    "abl-plain-oov-std-0.3": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3),
+                                           "overrides": ["oov_std=0.3", "oov_min_freq=1"]}),
+    "abl-plain-epochs-8": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3), "overrides": ["epochs=8"]}),
+    "abl-plain-oov-both": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3), "overrides": ["oov_std=0.3"]}),
+    "abl-plain-constant-lr": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3),
+                                           "overrides": ["schedule=constant", "oov_min_freq=1"]}),
+    "abl-plain-reference-optim": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3),
                                                "overrides": ["schedule=constant", "warmup_ratio=0", "grad_clip=1000000.0",
                                                              "oov_min_freq=1"]}),
-    "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", loss_params={"class_mean": True})}),
+    "abl-plain-lr-1e-3": ("ablation", {"spec": run("bilstm", "ce", lr=1e-3)}),
+    "abl-lr-1e-3": ("ablation", {"spec": run("bilstm", "tang_mse", lr=1e-3)}),
+    "abl-textcnn-lr-2e-3": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0}, lr=2e-3)}),
+    "abl-hinton-hidden-300": ("ablation", {"spec": run("bilstm", "hinton", student_params={"hidden_size": 300})}),
+    "abl-textcnn-linear-head": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0})}),
+    "abl-textcnn-filters-200": ("ablation", {"spec": run("textcnn", "tang_mse",
+                                                         student_params={"mlp_hidden": 0, "num_filters": 200})}),
+    "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0},
+                                                        loss_params={"class_mean": True})}),
 }
 # target: (job, allowed gap below the reference, reference) — reference "teacher" or a job name
 TARGETS = [("bilstm-ce", 0.0, "reference-bilstm-plain"), ("bilstm-tang_mse", 0.015, "teacher"),
-           ("bilstm-hinton", 0.015, "teacher"), ("textcnn-tang_mse", 0.025, "teacher"),
+           ("bilstm-hinton", 0.015, "teacher"), ("abl-hinton-hidden-300", 0.015, "teacher"),
+           ("textcnn-tang_mse", 0.025, "teacher"),
            ("smallbert-hinton", 0.01, "teacher")]
 
 
@@ -163,7 +176,8 @@ def job_key(name: str) -> str:
 
         spec = job["spec"]
         train = dataclasses.asdict(load_config(TrainConfig, None, job.get("overrides", [])))  # typed as the CLI does
-        material = {"run": {k: spec.get(k) for k in ("student", "loss", "epochs", "lr")},
+        lr = spec.get("lr") or STUDENTS[spec["student"]].default_lr  # the peak lr the run trains with
+        material = {"run": {**{k: spec.get(k) for k in ("student", "loss", "epochs")}, "lr": lr},
                     "train": {k: train[k] for k in RECIPE},
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
                                 **spec.get("student_params", {})},

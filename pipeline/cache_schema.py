@@ -158,6 +158,16 @@ class Manifest:
         return cls.from_json(path.read_text(), str(path))
 
 
+def segment_ids(input_ids, sep_id: int | None):
+    """The token types the teacher saw, derived from the stored input_ids (they are not stored): 1 after the first
+    [SEP] — a pair's second sentence, or a single sentence's padding, which the attention mask hides — else 0.
+    A student on the teacher's ids must see the same (trainer/students/smallbert.py)."""
+    if sep_id is None:
+        return input_ids * 0
+    is_sep = (input_ids == sep_id).long()
+    return ((is_sep.cumsum(1) - is_sep) > 0).long()
+
+
 def arrow_path(cache_dir: Path, shard: str) -> Path:
     return Path(cache_dir) / SHARD_DIR / f"{shard}.arrow"
 

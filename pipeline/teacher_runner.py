@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.attention_capture import AttentionCapture
-from pipeline.cache_schema import FieldLayout
+from pipeline.cache_schema import FieldLayout, segment_ids
 from pipeline.cache_writer import CacheWriter, ShardBuffer
 
 
@@ -55,7 +55,7 @@ class TeacherRunner:
         input_ids, mask = torch.from_numpy(padded), torch.from_numpy(valid.astype(np.int64))
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         if "token_type_ids" in self.tok.model_input_names:
-            inputs["token_type_ids"] = _token_types(input_ids, self.tok.sep_token_id).to(self.device)
+            inputs["token_type_ids"] = segment_ids(input_ids, self.tok.sep_token_id).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self.capture as cap:
             out = self.model(**inputs, output_hidden_states=self.need_hidden)
         lay = self.layout
@@ -78,14 +78,6 @@ class TeacherRunner:
         done.record()
         host["_copied"] = done
         return host
-
-
-def _token_types(input_ids: torch.Tensor, sep_id: int | None) -> torch.Tensor:
-    """Segment ids for pairs: 1 after the first [SEP]."""
-    if sep_id is None:
-        return torch.zeros_like(input_ids)
-    is_sep = (input_ids == sep_id).long()
-    return ((torch.cumsum(is_sep, 1) - is_sep) > 0).long()
 
 
 def _split_batch(buf: ShardBuffer, columns: dict[str, list], out: dict) -> None:

@@ -14,7 +14,7 @@ from augment.config import AugmentConfig
 from data.config import load_config
 from pipeline.run_config import RunConfig, check_settings
 from tests.conftest import REPO
-from trainer.compare import CompareConfig
+from recipes.compare import CompareConfig
 from trainer.run_key import check_config
 from trainer.train import TrainConfig, plan_runs
 

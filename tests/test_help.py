@@ -23,7 +23,7 @@ EXPECTED = {
         "  loss: str  (required)",
         "  lr: float = 0.0  # 0: the student's default",
     ],
-    "trainer.compare": [
+    "recipes.compare": [
         'teacher_config: str = "configs/cpu.yaml"  # stage-one config of the primary (strong) teacher',
         "train: TrainConfig  (section train.*)",
         "train.runs[].* (RunSpec):",
@@ -66,7 +66,7 @@ def help_of(module: str, *args: str) -> str:
 def test_every_parse_cli_entry_point_is_covered():
     """A new entry point on the shared parser gets its help checked here."""
     callers = {".".join(p.relative_to(REPO).with_suffix("").parts)
-               for d in ("data", "pipeline", "trainer", "augment") for p in (REPO / d).rglob("*.py")
+               for d in ("data", "pipeline", "trainer", "augment", "recipes") for p in (REPO / d).rglob("*.py")
                if re.search(r"\bparse_cli\(\w+", p.read_text()) and p.name != "config.py"}
     assert callers == set(EXPECTED)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from data.config import load_config, to_dict
 from data.io import UserError
 from pipeline.cache_reader import TeacherCache
-from trainer.compare import CompareConfig, compare
+from recipes.compare import CompareConfig, compare
 from trainer.loader import CacheStream, StreamConfig
 from trainer.losses import get_loss, loss_names, make_params
 from trainer.stages import stages_for

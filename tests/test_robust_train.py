@@ -75,6 +75,29 @@ def test_changed_settings_train_in_a_new_folder(copied, capsys):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("textcnn-hinton")) == ["textcnn-hinton", new[0]]
 
 
+@pytest.mark.parametrize("change", ["default_lr", "config_default"])
+def test_a_changed_student_default_is_a_changed_run(copied, capsys, monkeypatch, change):
+    """A run that leaves lr or a student setting to the default is keyed by the value it trains with: after a
+    default changes, the finished run is not handed back as if it were the new one."""
+    from trainer.students import TextCNNConfig, TextCNNStudent
+
+    cache_dir, out = copied
+    if change == "default_lr":
+        monkeypatch.setattr(TextCNNStudent, "default_lr", TextCNNStudent.default_lr * 2)
+    else:
+        monkeypatch.setattr(TextCNNConfig, "__init__", _with_default(TextCNNConfig.__init__, "num_filters", 7))
+    code, _, err = cli(capsys, cache_dir, out, "on_change=refuse")
+    differing = "stages" if change == "default_lr" else "student_params"
+    assert code == 2 and f"(differing: {differing})" in one_error_line(err)
+
+
+def _with_default(init, name: str, value):
+    def patched(self, *args, **kwargs):
+        kwargs.setdefault(name, value)
+        init(self, *args, **kwargs)
+    return patched
+
+
 def test_refuse_names_the_differing_settings_and_writes_nothing(copied, capsys):
     cache_dir, out = copied
     before = snapshot(out)

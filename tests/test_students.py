@@ -225,3 +225,21 @@ def test_save_load_round_trip(tmp_path, vocab, glove, monkeypatch):
     assert set(load_student(tmp_path / "smallbert").projections) == {"emb", "hid"}
     with pytest.raises(UserError):
         load_student(tmp_path / "nothing")
+
+
+def test_small_bert_sees_a_pair_as_in_training_and_as_the_teacher_did():
+    """Cached batches hold input_ids and a mask only; the student derives the token types the teacher saw
+    (pipeline.cache_schema.segment_ids), so training on cached ids and predicting raw pairs agree."""
+    s = small_bert().eval()
+    texts, texts_b = ["the ride was fine", "no"], ["i would go again tomorrow", "never ever again"]
+    tokenized = s.encode_texts(texts, texts_b)
+    assert tokenized["token_type_ids"].any()  # the second sentences are type 1
+    cached = {k: tokenized[k] for k in ("input_ids", "attention_mask")}
+    def cls_state(batch):  # the new head is near-constant: compare the [CLS] state it reads
+        with torch.no_grad():
+            return s(batch, want=frozenset({"hidden"})).hidden_states[-1][:, 0]
+
+    as_served = cls_state(tokenized)
+    assert torch.allclose(cls_state(cached), as_served, atol=1e-5)
+    no_types = cls_state({**cached, "token_type_ids": torch.zeros_like(cached["input_ids"])})
+    assert not torch.allclose(no_types, as_served, atol=1e-3)  # the check can fail: types change the states

@@ -103,10 +103,9 @@ def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: 
     from trainer.students import load_student
 
     model = load_student(out / "best", device=str(device))
-    is_bert = run.student == "smallbert"
-    encode = None if is_bert else model.encode_texts
-    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if is_bert else ("logits",), encode,
-                    cache.num_labels, device)
+    reads_ids = model.reads_teacher_ids
+    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if reads_ids else ("logits",),
+                    None if reads_ids else model.encode_texts, cache.num_labels, device)
     result = {"run": run.name, "student": run.student, "loss": run.loss,
               "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
               "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from data.config import to_dict
+from data.config import from_dict, to_dict
 from data.io import UserError, atomic_write_text, pick_device
 from pipeline.cache_reader import TeacherCache
 from pipeline.cache_sync import open_cache
@@ -95,13 +95,18 @@ def cache_fingerprint(cache: TeacherCache) -> str:
 
 
 def key_values(run, cfg, cache: TeacherCache, stages: list) -> dict:
-    """Everything that decides what a run trains, as plain JSON values."""
+    """Everything that decides what a run trains, as plain JSON values: the student's whole config and each
+    stage's learning rate as they will be used, so a changed default is a changed run."""
     from trainer.losses import get_loss
+    from trainer.students import student_class
 
+    kind = student_class(run.student)
     two = cfg.cache2 and any(get_loss(st.loss).needs_second_teacher for st in stages)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in UNKEYED}
-    values = {"student": run.student, "loss": run.loss, "student_params": run.student_params,
-              "stages": [{**dataclasses.asdict(st), "params": p} for st, p in zip(stages, stage_params(run, stages))],
+    student = to_dict(from_dict(kind.config_class, {"num_labels": cache.num_labels, **run.student_params}))
+    values = {"student": run.student, "loss": run.loss, "student_params": student,
+              "stages": [{**dataclasses.asdict(st), "lr": st.lr or kind.default_lr, "params": p}
+                         for st, p in zip(stages, stage_params(run, stages))],
               "cache": cache_fingerprint(cache), "cache2": cache_fingerprint(TeacherCache(cfg.cache2)) if two else "",
               **settings}
     return json.loads(json.dumps(values, default=str))  # as run_key.json will hold them (tuples become lists)

@@ -32,6 +32,7 @@ from trainer.loader import CacheStream, StreamConfig
 from trainer.run_key import check_config, check_run_dirs, claim_run_dir, plan_stages
 from trainer.run_setup import build, default_loss_params, loss_error, preflight, with_projection
 from trainer.stages import Stage
+from trainer.students import student_class
 from trainer.sweep import expand, named, run_config, setting_of, summarise, summary_markdown, twin_tags, write_summary
 
 
@@ -46,7 +47,7 @@ class RunSpec:
     loss_params: dict = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)  # empty: the loss's own schedule (one stage, or TinyBERT's two)
     epochs: int = 0  # 0: TrainConfig.epochs
-    lr: float = 0.0  # 0: the student's default (1e-3 word students, 5e-5 small-BERT)
+    lr: float = 0.0  # 0: the student's default_lr (BiLSTM 2e-3, TextCNN 1e-3, small-BERT 5e-5)
     overrides: dict = field(default_factory=dict)  # TrainConfig settings of this run only (seed, label_budget, ...)
 
 
@@ -231,15 +232,15 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     stages = plan_stages(run, cfg)
     specs = [get_loss(st.loss) for st in stages]
     sets = train_sets(cfg, cache, specs)
-    is_bert = run.student == "smallbert"
-    preflight(run, cfg, cache, sets, specs, is_bert)
+    kind = student_class(run.student)
+    preflight(run, cfg, cache, sets, specs, kind)
     out, key = claim_run_dir(run, cfg, cache, stages, write=lead)  # keyed by the run as given
     barrier(world)  # rank 0 has made (or overwritten) the folder
     run = with_projection(run, cache, specs)
     student, encode = build(run, cfg, cache, sets)
     student.to(device)
     model = wrap(student, world, device)
-    eval_fields = ("logits", "input_ids") if is_bert else ("logits",)
+    eval_fields = ("logits", "input_ids") if kind.reads_teacher_ids else ("logits",)
     history, best, t_start, global_step = [], None, time.time(), 0
     gold = _gold_ids(cache, cfg.label_budget) if cfg.label_budget else None
     log = open(out / "metrics.jsonl", "a") if lead else None
@@ -254,7 +255,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
                              rank=rank, world=world, second_cache=cfg.cache2 if spec.needs_second_teacher else None)
         steps = math.ceil(stream.num_rows / cfg.batch_size / world)
         steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
-        opt, sched = _optimizer(model, stage.lr or (5e-5 if is_bert else 1e-3), cfg, steps * stage.epochs)
+        opt, sched = _optimizer(model, stage.lr or kind.default_lr, cfg, steps * stage.epochs)
         job = Job(run, cfg, model, spec, params, stream, opt, sched, device, gold, log, steps, world)
         ckpt = out / f"checkpoint-stage{si}"
         state = load_checkpoint(ckpt, student, opt, sched, key) if cfg.resume else None

@@ -1,7 +1,19 @@
-"""Student models and their save/load.
+"""Student models, the protocol the trainer asks of them, and their save/load.
 
-Every student is an nn.Module with `forward(batch, want=frozenset()) -> StudentOutput`,
-a dataclass `config`, `from_config(cfg, vocab=None, ...)` and `encode_texts(texts, texts_b)`.
+A student is an nn.Module class that declares
+  kind               its name in configs and student.json
+  config_class       a dataclass of its settings (a run's student_params fill it; `num_labels` comes from the cache)
+  reads_teacher_ids  True: batches carry the cache's input_ids/attention_mask (the teacher's tokenizer, as the
+                     small BERT); False: the trainer calls `encode_texts` on each batch's text (word students)
+  offers             what forward(want=...) can return besides logits: a subset of {"hidden", "attention", "values"}
+  default_lr         the peak learning rate when a run sets none
+and implements
+  for_run(params, inputs: RunInputs) -> student      classmethod: a fresh student for a run (vocabulary, checks)
+  from_saved(folder, config: dict) -> student        classmethod: the architecture of a saved one (weights follow)
+  save_encoder(folder)                               writes what `encode_texts` needs (vocabulary, tokenizer)
+  forward(batch, want=frozenset()) -> StudentOutput  (trainer/losses/types.py)
+  encode_texts(texts, texts_b=None) -> batch dict    raw text -> what forward takes
+`register_student(cls)` adds one; the built-in three are registered the same way.
 
 A saved student folder holds model.safetensors (every parameter and buffer, shared
 tensors handled), student.json (kind, config, label names) and the text encoder:
@@ -13,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -24,21 +38,49 @@ from trainer.students.smallbert import SmallBertConfig, SmallBertStudent
 from trainer.students.textcnn import TextCNNConfig, TextCNNStudent
 from trainer.vocab import Vocab
 
-STUDENTS: dict[str, type[nn.Module]] = {
-    "bilstm": BiLSTMStudent,
-    "textcnn": TextCNNStudent,
-    "smallbert": SmallBertStudent,
-}
-WEIGHTS, META, VOCAB = "model.safetensors", "student.json", "vocab.json"
+if TYPE_CHECKING:
+    from pipeline.cache_reader import TeacherCache
+
+STUDENTS: dict[str, type[nn.Module]] = {}
+PROTOCOL = ("kind", "config_class", "reads_teacher_ids", "offers", "default_lr", "for_run", "from_saved",
+            "save_encoder", "forward", "encode_texts")
+WEIGHTS, META = "model.safetensors", "student.json"
 _FORMAT = "distil-cache-student/1"
 
 __all__ = [
     "STUDENTS", "BiLSTMConfig", "BiLSTMStudent", "TextCNNConfig", "TextCNNStudent", "SmallBertConfig",
-    "SmallBertStudent", "build_student", "save_student", "load_student",
+    "SmallBertStudent", "RunInputs", "register_student", "student_class", "build_student", "save_student",
+    "load_student",
 ]
 
 
-def _cls(kind: str) -> type[nn.Module]:
+@dataclass
+class RunInputs:
+    """What a student may read to set itself up for a run: the cache, the sets it trains on, the trainer config
+    (word students take the embeddings/vocabulary settings from it)."""
+
+    cache: TeacherCache
+    sets: list[str]
+    train: Any  # trainer.train.TrainConfig
+
+
+def register_student(cls: type[nn.Module]) -> type[nn.Module]:
+    """Add a student class under `cls.kind` (usable as a decorator); refuses one that lacks part of the protocol."""
+    missing = [name for name in PROTOCOL if not hasattr(cls, name)]
+    if missing:
+        raise TypeError(f"{cls.__name__} lacks {', '.join(missing)} of the student protocol (trainer/students)")
+    if not is_dataclass(cls.config_class) or not set(cls.offers) <= {"hidden", "attention", "values"}:
+        raise TypeError(f"{cls.__name__}: config_class must be a dataclass and offers a subset of "
+                        "{'hidden', 'attention', 'values'}")
+    STUDENTS[cls.kind] = cls
+    return cls
+
+
+for _builtin in (BiLSTMStudent, TextCNNStudent, SmallBertStudent):
+    register_student(_builtin)
+
+
+def student_class(kind: str) -> type[nn.Module]:
     try:
         return STUDENTS[kind]
     except KeyError:
@@ -48,7 +90,7 @@ def _cls(kind: str) -> type[nn.Module]:
 def build_student(kind: str, cfg, vocab: Vocab | None = None, **kwargs) -> nn.Module:
     """A fresh student: word students need `vocab` (and read cfg.embeddings, or take
     embeddings=<(V, d) tensor>); small-BERT copies/derives from cfg.source."""
-    return _cls(kind).from_config(cfg, vocab=vocab, **kwargs)
+    return student_class(kind).from_config(cfg, vocab=vocab, **kwargs)
 
 
 def save_student(model: nn.Module, out_dir: str | os.PathLike, label_names: list[str] | None = None) -> Path:
@@ -69,10 +111,7 @@ def save_student(model: nn.Module, out_dir: str | os.PathLike, label_names: list
         os.replace(tmp, out / WEIGHTS)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    if kind == "smallbert":
-        model.tokenizer.save_pretrained(str(out))
-    elif model.vocab is not None:
-        model.vocab.save(out / VOCAB)
+    model.save_encoder(out)
     meta = {"format": _FORMAT, "kind": kind, "config": to_dict(model.config),
             "label_names": list(label_names) if label_names is not None else None}
     atomic_write_text(out / META, json.dumps(meta, indent=1, ensure_ascii=False))  # written last
@@ -89,14 +128,7 @@ def load_student(model_dir: str | os.PathLike, device: str = "cpu") -> nn.Module
     meta = json.loads((d / META).read_text(encoding="utf-8"))
     if meta.get("format") != _FORMAT:
         raise UserError(f"{d / META}: unknown format {meta.get('format')!r}")
-    cls = _cls(meta["kind"])
-    if meta["kind"] == "smallbert":
-        from transformers import AutoTokenizer
-
-        model = cls.from_config(meta["config"], tokenizer=AutoTokenizer.from_pretrained(str(d)), init_weights=False)
-    else:
-        vocab = Vocab.load(d / VOCAB) if (d / VOCAB).is_file() else None
-        model = cls.from_config(meta["config"], vocab=vocab, init_weights=False)
+    model = student_class(meta["kind"]).from_saved(d, meta["config"])
     load_model(model, str(d / WEIGHTS), strict=True, device=device)
     model.label_names = meta.get("label_names")
     return model.to(device).eval()

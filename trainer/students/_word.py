@@ -19,6 +19,7 @@ from data.config import from_dict
 from trainer.losses.types import StudentOutput
 from trainer.vocab import Vocab, load_embeddings
 
+VOCAB_FILE = "vocab.json"
 WANT = frozenset({"hidden", "attention", "values"})
 
 
@@ -61,6 +62,9 @@ class WordStudent(nn.Module):
 
     kind = "word"
     config_class: type = object
+    reads_teacher_ids = False  # batches are encoded from the text with the student's own vocabulary
+    offers = frozenset({"hidden"})
+    default_lr = 1e-3
 
     def __init__(self, cfg, vocab: Vocab | None = None, embeddings: Tensor | None = None):
         super().__init__()
@@ -97,6 +101,33 @@ class WordStudent(nn.Module):
         if init_weights and embeddings is not None:
             cfg.embed_dim = int(embeddings.shape[1])
         return cls(cfg, vocab=vocab, embeddings=embeddings if init_weights else None)
+
+    @classmethod
+    def for_run(cls, params: dict, inputs) -> "WordStudent":
+        """A vocabulary from the run's training texts (a word without a vector needs `oov_min_freq` occurrences in
+        the rows before augmentation), the pretrained rows of its words, and the student on top."""
+        from data.vectors import load_vectors
+
+        cfg = inputs.train
+        rows = inputs.cache.row_table(inputs.sets, ["set", "text", "text_b"])
+        a, b, in_set = (rows.column(c).to_pylist() for c in ("text", "text_b", "set"))
+        params = {"pair": any(b), **params}
+        original = [t for t, s in zip(a + b, in_set * 2) if t and not s.startswith("aug-")]  # before augmentation
+        vectors = load_vectors(cfg.embeddings, "embeddings")
+        vocab = Vocab.build(a + [t for t in b if t], min_freq=cfg.min_freq, pretrained=vectors.key_to_index,
+                            oov_min_freq=cfg.oov_min_freq, original=original)
+        embeddings, missing = load_embeddings(vocab, vectors, oov_std=cfg.oov_std)
+        print(f"{cls.kind}: vocabulary {len(vocab)} words, {missing} without a pretrained vector")
+        return cls.from_config(params, vocab=vocab, embeddings=embeddings)
+
+    @classmethod
+    def from_saved(cls, folder, config: dict) -> "WordStudent":
+        vocab = Vocab.load(folder / VOCAB_FILE) if (folder / VOCAB_FILE).is_file() else None
+        return cls.from_config(config, vocab=vocab, init_weights=False)
+
+    def save_encoder(self, folder) -> None:
+        if self.vocab is not None:
+            self.vocab.save(folder / VOCAB_FILE)
 
     def _build_head(self, feature_dim: int, mlp_hidden: int, dropout: float) -> None:
         cfg = self.config

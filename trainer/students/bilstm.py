@@ -29,6 +29,7 @@ class BiLSTMStudent(WordStudent):
 
     kind = "bilstm"
     config_class = BiLSTMConfig
+    default_lr = 2e-3  # peak of the linear decay: +1.3 over 1e-3 on plain runs, level on distilled (docs/methods.md)
 
     def __init__(self, cfg: BiLSTMConfig, vocab=None, embeddings: Tensor | None = None):
         super().__init__(cfg, vocab, embeddings)

@@ -27,6 +27,7 @@ from data.assets import resolve_model
 from data.config import from_dict
 from data.io import UserError, quiet_transformers
 from pipeline.attention_capture import AttentionCapture
+from pipeline.cache_schema import segment_ids
 from trainer.losses.types import StudentOutput
 from trainer.students._word import check_want
 
@@ -99,6 +100,9 @@ class SmallBertStudent(nn.Module):
 
     kind = "smallbert"
     config_class = SmallBertConfig
+    reads_teacher_ids = True  # trains on the cache's input_ids: its tokenizer must be the teacher's
+    offers = frozenset({"hidden", "attention", "values"})
+    default_lr = 5e-5
 
     def __init__(self, cfg: SmallBertConfig, tokenizer):
         super().__init__()
@@ -159,6 +163,27 @@ class SmallBertStudent(nn.Module):
             model.copy_source_weights(path)
         return model
 
+    @classmethod
+    def for_run(cls, params: dict, inputs) -> "SmallBertStudent":
+        """The student of `params`; refused when the cache holds token ids its tokenizer does not have."""
+        model = cls.from_config(params)
+        vocab_size = model.config.hf_config.get("vocab_size")
+        ids = inputs.cache.row_table(inputs.sets, ["input_ids"]).column("input_ids").to_pylist()
+        max_id = max((max(row) for row in ids if row), default=0)
+        if max_id >= vocab_size:
+            raise UserError(f"small-BERT student: its tokenizer has {vocab_size} ids but the cache holds id {max_id}: "
+                            "a small-BERT student must share the teacher's tokenizer")
+        return model
+
+    @classmethod
+    def from_saved(cls, folder, config: dict) -> "SmallBertStudent":
+        from transformers import AutoTokenizer
+
+        return cls.from_config(config, tokenizer=AutoTokenizer.from_pretrained(str(folder)), init_weights=False)
+
+    def save_encoder(self, folder) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+
     def copy_source_weights(self, path: Path) -> None:
         """Embeddings, non-layer encoder weights and the chosen layers from the source."""
         base = self.model.base_model
@@ -205,8 +230,9 @@ class SmallBertStudent(nn.Module):
         want = check_want(want)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         kwargs = {"input_ids": ids, "attention_mask": mask}
-        if self._token_types and batch.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = batch["token_type_ids"]
+        if self._token_types:  # cached batches carry no token types: derive them as the teacher did
+            types = batch.get("token_type_ids")
+            kwargs["token_type_ids"] = types if types is not None else segment_ids(ids, self.tokenizer.sep_token_id)
         k = self.num_layers
         cap = contextlib.nullcontext()
         if "attention" in want or "values" in want:

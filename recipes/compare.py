@@ -1,4 +1,4 @@
-"""`python -m trainer.compare` (`make compare`): the distillation catalogue reproduced on one corpus.
+"""`python -m recipes.compare` (`make compare`): the distillation catalogue reproduced on one corpus.
 
 One command: make sure both teacher caches exist (the primary teacher of `teacher_config`
 and the weaker second teacher of `teacher2_config` that Dynamic KD needs, over the same
@@ -267,7 +267,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], runs: list[RunSpec], seco
     checks = orderings(rows, se)
     text = "\n".join([
         f"# {cfg.title}", "",
-        f"Written by `python -m trainer.compare` on {time.strftime('%Y-%m-%d %H:%M')}. Methods: docs/methods.md.", "",
+        f"Written by `python -m recipes.compare` on {time.strftime('%Y-%m-%d %H:%M')}. Methods: docs/methods.md.", "",
         *setup, "", markdown_table(rows, COLUMNS), "",
         f"![test accuracy per run]({os.path.relpath(cfg.plot, Path(cfg.report).parent)})" if cfg.plot else "", "",
         "## Orderings", "", REFERENCE, "", "On this run:", "", *(checks or ["- (no comparable pairs)"]), "",
