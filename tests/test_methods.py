@@ -21,7 +21,8 @@ from pipeline.cache_reader import TeacherCache
 from recipes.compare import CompareConfig, compare
 from trainer.loader import CacheStream, StreamConfig
 from trainer.losses import get_loss, loss_names, make_params
-from trainer.stages import stages_for
+from trainer.run_key import plan_stages
+from trainer.students import cached_inputs, text_encoder
 from trainer.run_setup import build, default_loss_params, with_projection
 from trainer.train import RunSpec, TrainConfig, main, plan_runs, train_run
 
@@ -56,11 +57,11 @@ def _run(student: str, loss: str, **kw) -> RunSpec:
     return plan_runs(TrainConfig(runs=[RunSpec(student=student, loss=loss, **kw)], baseline=False))[0]
 
 
-def _fixed_batch(cfg: TrainConfig, spec, encode, is_bert: bool) -> dict:
-    fields = sorted(set(spec.fields) | {"logits"} | ({"input_ids"} if is_bert else set()))
+def _fixed_batch(cfg: TrainConfig, spec, student) -> dict:
+    fields = sorted(set(spec.fields) | set(cached_inputs(student)))
     # 128 random train rows (shards are sorted by length inside: the first rows are the shortest)
     stream = CacheStream(cfg.cache, ["train"], fields, StreamConfig(batch_size=128, bucket_by_length=False, seed=7),
-                         encode=encode, second_cache=cfg.cache2 if spec.needs_second_teacher else None)
+                         encode=text_encoder(student), second_cache=cfg.cache2 if spec.needs_second_teacher else None)
     batch = next(iter(stream))
     batch.pop("stream")
     return batch
@@ -76,7 +77,7 @@ def _objective(model, spec, params, batch) -> tuple[float, dict]:
 def train_and_measure(run: RunSpec, cfg: TrainConfig):
     """Train with the real trainer; the final stage's objective on one fixed batch before and after."""
     cache = TeacherCache(cfg.cache)
-    stages = run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
+    stages = plan_stages(run, cfg)
     specs = [get_loss(s.loss) for s in stages]
     torch.manual_seed(cfg.seed)
     initial, _ = build(with_projection(run, cache, specs), cfg, cache, ["train"])
@@ -87,8 +88,7 @@ def train_and_measure(run: RunSpec, cfg: TrainConfig):
     last, spec = stages[-1], specs[-1]
     params = make_params(last.loss, default_loss_params(
         last.loss, {**(run.loss_params if len(stages) == 1 else {}), **last.params}, initial, cache))
-    is_bert = run.student == "smallbert"
-    batch = _fixed_batch(cfg, spec, None if is_bert else initial.encode_texts, is_bert)
+    batch = _fixed_batch(cfg, spec, initial)
     return result, _objective(initial, spec, params, batch), _objective(trained, spec, params, batch), trained
 
 

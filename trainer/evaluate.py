@@ -100,12 +100,11 @@ def write_csv(path: Path, history: list[dict]) -> None:
 
 def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: list[dict], device) -> dict:
     """Reload the best student as a user would and measure it on the test rows."""
-    from trainer.students import load_student
+    from trainer.students import cached_inputs, load_student, text_encoder
 
     model = load_student(out / "best", device=str(device))
-    reads_ids = model.reads_teacher_ids
-    test = evaluate(model, cfg.cache, [cfg.test_set], ("logits", "input_ids") if reads_ids else ("logits",),
-                    None if reads_ids else model.encode_texts, cache.num_labels, device)
+    test = evaluate(model, cfg.cache, [cfg.test_set], cached_inputs(model), text_encoder(model), cache.num_labels,
+                    device)
     result = {"run": run.name, "student": run.student, "loss": run.loss,
               "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
               "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],

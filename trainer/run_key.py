@@ -37,8 +37,13 @@ NOT_NEGATIVE = ("label_budget", "workers", "checkpoint_every", "max_steps_per_ep
 
 
 def plan_stages(run, cfg) -> list:
-    """The run's stages: its own, or its loss's schedule over the run's (else the config's) epochs."""
-    return run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)
+    """The run's stages: its own, or its loss's schedule over the run's (else the config's) epochs; a stage without
+    an lr takes the student's default_lr, so the key and the optimizer read the rate the run trains with."""
+    from trainer.students import student_class
+
+    default_lr = student_class(run.student).default_lr
+    return [dataclasses.replace(st, lr=st.lr or default_lr)
+            for st in run.stages or stages_for(run.loss, run.epochs or cfg.epochs, run.lr)]
 
 
 def stage_params(run, stages: list) -> list[dict]:
@@ -96,17 +101,16 @@ def cache_fingerprint(cache: TeacherCache) -> str:
 
 def key_values(run, cfg, cache: TeacherCache, stages: list) -> dict:
     """Everything that decides what a run trains, as plain JSON values: the student's whole config and each
-    stage's learning rate as they will be used, so a changed default is a changed run."""
+    stage's learning rate (plan_stages) as they will be used, so a changed default is a changed run."""
     from trainer.losses import get_loss
     from trainer.students import student_class
 
-    kind = student_class(run.student)
     two = cfg.cache2 and any(get_loss(st.loss).needs_second_teacher for st in stages)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in UNKEYED}
-    student = to_dict(from_dict(kind.config_class, {"num_labels": cache.num_labels, **run.student_params}))
+    student = to_dict(from_dict(student_class(run.student).config_class,
+                                {"num_labels": cache.num_labels, **run.student_params}))
     values = {"student": run.student, "loss": run.loss, "student_params": student,
-              "stages": [{**dataclasses.asdict(st), "lr": st.lr or kind.default_lr, "params": p}
-                         for st, p in zip(stages, stage_params(run, stages))],
+              "stages": [{**dataclasses.asdict(st), "params": p} for st, p in zip(stages, stage_params(run, stages))],
               "cache": cache_fingerprint(cache), "cache2": cache_fingerprint(TeacherCache(cfg.cache2)) if two else "",
               **settings}
     return json.loads(json.dumps(values, default=str))  # as run_key.json will hold them (tuples become lists)

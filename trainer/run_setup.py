@@ -15,14 +15,14 @@ if TYPE_CHECKING:  # trainer.train imports this module
 def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
     """The student (its class's `for_run`) and the text encoder its batches need (None: it reads the cached
     input_ids)."""
-    from trainer.students import RunInputs, student_class
+    from trainer.students import RunInputs, student_class, text_encoder
 
     cls = student_class(run.student)
     try:
         model = cls.for_run({"num_labels": cache.num_labels, **run.student_params}, RunInputs(cache, sets, cfg))
     except UserError as e:
         raise UserError(f"run {run.name}: {e}") from None
-    return model, None if cls.reads_teacher_ids else model.encode_texts
+    return model, text_encoder(model)
 
 def with_projection(run: RunSpec, cache: TeacherCache, specs) -> RunSpec:
     """Losses comparing student vectors with the teacher's [CLS] (PKD, dynakd_supervision) or hidden states
@@ -73,16 +73,17 @@ def check_second_cache(cache: TeacherCache, path: str, sets: list[str]) -> None:
 
 def preflight(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str], specs, kind: type) -> list:
     """Every refusal before the first step: missing fields, damaged shards, wrong student, no labels."""
-    reads_ids = kind.reads_teacher_ids
+    from trainer.students import cached_inputs
+
     for spec in specs:  # what the student can give comes first: no cache of any layout would help
-        if spec.token_level and not reads_ids:
+        if spec.token_level and not kind.reads_teacher_ids:
             raise UserError(f"loss {spec.name} compares token positions with the teacher's: use STUDENT=smallbert "
                             f"(or a student on the teacher's token ids; {run.student} sees other tokens)")
         lacking = set(spec.student_needs) - set(kind.offers)
         if lacking:
             raise UserError(f"loss {spec.name} needs the student's {', '.join(sorted(lacking))}, which student "
                             f"{run.student} does not offer (it offers {', '.join(sorted(kind.offers)) or 'logits only'})")
-    fields = sorted(set().union(*(s.fields for s in specs)) | {"logits"} | ({"input_ids"} if reads_ids else set()))
+    fields = sorted(set().union(*(s.fields for s in specs)) | set(cached_inputs(kind)))
     cache.check_fields(fields)
     if cfg.verify:  # before anything reads a shard: damage is reported by name, never trained on
         cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)

@@ -32,7 +32,7 @@ from trainer.loader import CacheStream, StreamConfig
 from trainer.run_key import check_config, check_run_dirs, claim_run_dir, plan_stages
 from trainer.run_setup import build, default_loss_params, loss_error, preflight, with_projection
 from trainer.stages import Stage
-from trainer.students import student_class
+from trainer.students import cached_inputs, student_class
 from trainer.sweep import expand, named, run_config, setting_of, summarise, summary_markdown, twin_tags, write_summary
 
 
@@ -240,7 +240,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
     student, encode = build(run, cfg, cache, sets)
     student.to(device)
     model = wrap(student, world, device)
-    eval_fields = ("logits", "input_ids") if kind.reads_teacher_ids else ("logits",)
+    eval_fields = cached_inputs(kind)
     history, best, t_start, global_step = [], None, time.time(), 0
     gold = _gold_ids(cache, cfg.label_budget) if cfg.label_budget else None
     log = open(out / "metrics.jsonl", "a") if lead else None
@@ -255,7 +255,7 @@ def train_run(run: RunSpec, cfg: TrainConfig) -> dict | None:
                              rank=rank, world=world, second_cache=cfg.cache2 if spec.needs_second_teacher else None)
         steps = math.ceil(stream.num_rows / cfg.batch_size / world)
         steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
-        opt, sched = _optimizer(model, stage.lr or kind.default_lr, cfg, steps * stage.epochs)
+        opt, sched = _optimizer(model, stage.lr, cfg, steps * stage.epochs)
         job = Job(run, cfg, model, spec, params, stream, opt, sched, device, gold, log, steps, world)
         ckpt = out / f"checkpoint-stage{si}"
         state = load_checkpoint(ckpt, student, opt, sched, key) if cfg.resume else None

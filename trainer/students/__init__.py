@@ -49,8 +49,8 @@ _FORMAT = "distil-cache-student/1"
 
 __all__ = [
     "STUDENTS", "BiLSTMConfig", "BiLSTMStudent", "TextCNNConfig", "TextCNNStudent", "SmallBertConfig",
-    "SmallBertStudent", "RunInputs", "register_student", "student_class", "build_student", "save_student",
-    "load_student",
+    "SmallBertStudent", "RunInputs", "register_student", "student_class", "cached_inputs", "text_encoder",
+    "build_student", "save_student", "load_student",
 ]
 
 
@@ -85,6 +85,17 @@ def student_class(kind: str) -> type[nn.Module]:
         return STUDENTS[kind]
     except KeyError:
         raise UserError(f"unknown student kind {kind!r}; known: {sorted(STUDENTS)}") from None
+
+
+def cached_inputs(student) -> tuple[str, ...]:
+    """The cache fields a student's batches read besides its losses': logits (to score it against the teacher),
+    and the teacher's input_ids for a student on the teacher's tokens (a class or an instance)."""
+    return ("logits", "input_ids") if student.reads_teacher_ids else ("logits",)
+
+
+def text_encoder(model: nn.Module):
+    """What turns a batch's text into the model's inputs; None: it reads the cached input_ids."""
+    return None if model.reads_teacher_ids else model.encode_texts
 
 
 def build_student(kind: str, cfg, vocab: Vocab | None = None, **kwargs) -> nn.Module:
