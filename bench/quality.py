@@ -14,7 +14,8 @@ Finished runs are kept under work/quality/runs/ and reused, so an interrupted be
     python bench/quality.py [seeds=0,1,2] [jobs=2] [threads=1] [stage_one_threads=1] [only=name,...]
                             [groups=main,ablation] [stage_one=reuse]
 
-stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only).
+stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only). A job
+with `tang_n_iter` trains from a second cache of the same teacher and split with that many Tang rounds.
 
 jobs runs that many trainings at once (each with `threads` torch threads); a 2-core machine gets more from
 two 1-thread LSTMs than from one 2-thread one. Results: bench/results/quality.json and quality.md.
@@ -44,11 +45,18 @@ from data.io import atomic_write_text  # noqa: E402
 
 WORK = ROOT / "work" / "quality"
 CONFIG = "configs/quality.yaml"
-CACHE = WORK / "cache" / "minilm-tweets"
 SPLIT = {"train": 8000, "dev": 3800, "test": 3800}
-TANG_ROWS = ["data_dir=work/quality/data", "out_dir=work/quality/augment", "cache_dir=work/quality/augment/cache",
-             "tang.n_iter=4"]
+TANG_N_ITER = 4  # the benchmark's augmentation; a job's `tang_n_iter` trains from a second cache instead
 TEACHER = "work/quality/teacher"
+
+
+def cache_dir(n_iter: int = TANG_N_ITER) -> Path:
+    """The cache a job trains from: the same teacher and split, Tang rows of this n_iter."""
+    return WORK / "cache" / ("minilm-tweets" if n_iter == TANG_N_ITER else f"minilm-tweets-tang{n_iter}")
+
+
+def augment_dir(n_iter: int) -> str:
+    return "work/quality/augment" if n_iter == TANG_N_ITER else f"work/quality/augment-tang{n_iter}"
 
 
 def run(student, loss, **extra) -> dict:
@@ -98,6 +106,8 @@ JOBS = {
     "abl-textcnn-linear-head": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0})}),
     "abl-textcnn-filters-200": ("ablation", {"spec": run("textcnn", "tang_mse",
                                                          student_params={"mlp_hidden": 0, "num_filters": 200})}),
+    "abl-textcnn-tang-12": ("ablation", {"spec": run("textcnn", "tang_mse"), "tang_n_iter": 12}),
+    "abl-hinton-tang-12": ("ablation", {"spec": run("bilstm", "hinton"), "tang_n_iter": 12}),
     "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0},
                                                         loss_params={"class_mean": True})}),
 }
@@ -147,12 +157,15 @@ def threads_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def stage_one(py: str, threads: int) -> None:
+def stage_one(py: str, threads: int, n_iter: int) -> None:
     make_split(WORK / "tweets-split.parquet")
     env = threads_env(threads)
+    aug = augment_dir(n_iter)
     sh([py, "-m", "pipeline.train_teacher", "--config", CONFIG, "--data-only"], env)
-    sh([py, "-m", "augment.run", "--config", "configs/augment.yaml", *TANG_ROWS], env)
-    sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG], env)  # fine-tunes the teacher unless it is
+    sh([py, "-m", "augment.run", "--config", "configs/augment.yaml", "data_dir=work/quality/data", f"out_dir={aug}",
+        f"cache_dir={aug}/cache", f"tang.n_iter={n_iter}"], env)
+    sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG, f"cache.name={cache_dir(n_iter).name}",
+        f"cache.augment_dir={aug}"], env)  # fine-tunes the teacher unless it is
 
 
 # the trainer settings a project run inherits when its job leaves them alone (operational ones left out)
@@ -182,6 +195,8 @@ def job_key(name: str) -> str:
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
                                 **spec.get("student_params", {})},
                     "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}
+        if job.get("tang_n_iter", TANG_N_ITER) != TANG_N_ITER:
+            material["tang_n_iter"] = job["tang_n_iter"]
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -221,17 +236,18 @@ def run_job(py: str, name: str, seed: int, threads: int) -> dict:
     done = WORK / "runs" / f"{name}-s{seed}.json"
     _, job = JOBS[name]
     env = threads_env(threads)
+    cache = cache_dir(job.get("tang_n_iter", TANG_N_ITER))
     out_dir = WORK / "students" / f"{name}-s{seed}"
     t0 = time.time()
     if "reference" in job:
         emb, index = assets.glove_paths()
         out_dir.mkdir(parents=True, exist_ok=True)
-        sh([py, "bench/reference_bilstm.py", str(CACHE), str(emb), str(index), "--mode", job["reference"],
+        sh([py, "bench/reference_bilstm.py", str(cache), str(emb), str(index), "--mode", job["reference"],
             "--seed", str(seed), "--out", str(out_dir / "result.json")], env)
         result = json.loads((out_dir / "result.json").read_text())
     else:
         spec = json.dumps({**job["spec"], "name": name})
-        sh([py, "-m", "trainer.train", f"cache={CACHE}", f"runs=[{spec}]", f"seed={seed}", f"out_dir={out_dir}",
+        sh([py, "-m", "trainer.train", f"cache={cache}", f"runs=[{spec}]", f"seed={seed}", f"out_dir={out_dir}",
             "measure_latency=false", "checkpoint_every=0", "baseline=false", *job.get("overrides", [])], env)
         result = json.loads((out_dir / "results.json").read_text())[0]
     result.update(job=name, seed=seed, key=job_key(name), wall_seconds=round(time.time() - t0, 1))
@@ -292,10 +308,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"unknown job(s) {sorted(unknown)}; known: {list(JOBS)}")
     py = sys.executable
     t0 = time.time()
-    if opts.get("stage_one") == "reuse" and (CACHE / "manifest.json").is_file():
-        print(f"stage_one=reuse: training from the cache already at {CACHE}")
-    else:
-        stage_one(py, int(opts.get("stage_one_threads", 1)))
+    for n_iter in sorted({JOBS[n][1].get("tang_n_iter", TANG_N_ITER) for n in names}):
+        if opts.get("stage_one") == "reuse" and (cache_dir(n_iter) / "manifest.json").is_file():
+            print(f"stage_one=reuse: training from the cache already at {cache_dir(n_iter)}")
+        else:
+            stage_one(py, int(opts.get("stage_one_threads", 1)), n_iter)
     work = [(n, s) for s in seeds for n in names]  # seed by seed: a cut-short invocation still compares like with like
     with ThreadPoolExecutor(int(opts.get("jobs", 2))) as pool:
         results = list(pool.map(lambda job: run_job(py, *job, int(opts.get("threads", 1))), work))

@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from data.faults import crash_point
@@ -88,11 +88,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_tree(root: str | os.PathLike) -> str:
     """Checksum of a folder: relative names and contents of every file, in sorted order."""
     root = Path(root)
+    return tree_digest({p.relative_to(root): sha256_file(p) for p in root.rglob("*") if p.is_file()})
+
+
+def tree_digest(file_digests: dict[PurePosixPath | Path, str]) -> str:
+    """sha256_tree from each file's relative path and sha256, for a writer that hashed the bytes it wrote."""
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(p.relative_to(root).as_posix().encode())
+    for rel in sorted(file_digests, key=PurePosixPath):
+        h.update(PurePosixPath(rel).as_posix().encode())
         h.update(b"\0")
-        h.update(sha256_file(p).encode())
+        h.update(file_digests[rel].encode())
     return h.hexdigest()
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from data.io import UserError, sha256_file, sha256_tree
-from pipeline.cache_schema import (ALL_FIELDS, ZARR_FIELDS, FieldLayout, Manifest, ShardInfo, arrow_path,
-                                   zarr_path)
+from pipeline.cache_schema import (ALL_FIELDS, INT8_MISSING, ZARR_FIELDS, FieldLayout, Manifest, ShardInfo,
+                                   arrow_path, zarr_path)
+from pipeline.quantize import dequantize
 
 ROW_FIELDS = ("row_id", "set", "split", "source_id", "method", "text", "text_b", "label", "length", "truncated")
 
@@ -76,14 +77,27 @@ class ShardReader:
                 continue
             offsets = self._column(offsets_col, start, stop).to_numpy()
             lo, hi = int(offsets[0]), int(offsets[-1]) + per_row(lengths[-1])
-            block = self._array(name)[lo:hi]
-            if block.dtype.kind == "f" and np.isnan(block).any():
-                raise UserError(f"shard {self.info.name}: {name} has missing data (a Zarr chunk deleted or damaged)")
+            block = self._checked(name, lo, hi)
             rows = [block[o - lo : o - lo + per_row(L)] for o, L in zip(offsets.tolist(), lengths)]
+            if self.layout.quantize == "int8":  # float16 = int8 × scale (pipeline/quantize.py)
+                if name == "attention":  # one scale per row, layer and head
+                    scales = self._checked("attention_scale", start, stop)
+                    rows = [dequantize(r, s) for r, s in zip(rows, scales)]
+                else:  # one scale per token vector
+                    scales = self._checked(f"{name}_scale", lo, hi)
+                    rows = [dequantize(r, scales[o - lo : o - lo + L, ..., None])
+                            for r, o, L in zip(rows, offsets.tolist(), lengths)]
             if name == "attention":  # (L², layers, H) -> (layers, H, L, L)
                 rows = [r.reshape(L, L, *r.shape[1:]).transpose(2, 3, 0, 1) for r, L in zip(rows, lengths)]
             out[name] = rows
         return out
+
+    def _checked(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Positions [lo, hi) of a Zarr array; a lost chunk reads as the fill value (NaN, or -128 for int8)."""
+        block = self._array(name)[lo:hi]
+        if np.isnan(block).any() if block.dtype.kind == "f" else (block == INT8_MISSING).any():
+            raise UserError(f"shard {self.info.name}: {name} has missing data (a Zarr chunk deleted or damaged)")
+        return block
 
 
 def _list_numpy(col: pa.ChunkedArray, dtype) -> list[np.ndarray]:

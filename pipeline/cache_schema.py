@@ -11,6 +11,9 @@ A cache folder `<root>/<teacher-name>/` holds `manifest.json` and, per shard `<s
       attention  (Σ len², n_attention_layers, H)   fp16  row r: [att_offset, att_offset+len²)
                                                           reshaped (len, len, layers, H)
       values     (Σ len,  d)                       fp16  last layer value vectors (MiniLM)
+  With `layout.quantize == "int8"` (schema version 2) the three arrays are int8 and each has a fp16 scale array
+  beside it: hidden_scale (Σ len, n_hidden_layers) and values_scale (Σ len,), one absmax scale per token vector;
+  attention_scale (rows, n_attention_layers, H), one per row's block of each layer and head. float = int8 × scale.
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ import pyarrow as pa
 
 from data.io import UserError, atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # caches stored as fp16
+QUANTIZED_VERSION = 2  # caches with int8 token-level fields (layout.quantize); a reader understands both
+READABLE_VERSIONS = (SCHEMA_VERSION, QUANTIZED_VERSION)
+QUANTIZE = ("none", "int8")
+INT8_MISSING = -128  # fill value of int8 arrays: quantized values stay in [-127, 127], so it marks a lost chunk
 MANIFEST = "manifest.json"
 STAMP = "verified.json"  # shard -> digest of its files' names, sizes and mtimes when last checksummed
 SHARD_DIR = "shards"
@@ -83,6 +90,7 @@ class FieldLayout:
     values_layer: int | None = None
     float_dtype: str = "float16"
     zarr_codec: str = "zstd"
+    quantize: str = "none"  # none | int8 (hidden, attention, values; see the module docstring)
 
     def stored(self) -> set[str]:
         out = {"logits", "input_ids"}
@@ -119,8 +127,17 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     created_by: str = "distil-cache"
 
+    def __post_init__(self):
+        if self.layout.quantize not in QUANTIZE:
+            raise UserError(f"cache.quantize: {self.layout.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        self.schema_version = SCHEMA_VERSION if self.layout.quantize == "none" else QUANTIZED_VERSION
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        """An fp16 cache is written exactly as version 1 (no quantize key), so earlier readers still open it."""
+        d = asdict(self)
+        if d["layout"]["quantize"] == "none":
+            del d["layout"]["quantize"]
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
@@ -129,8 +146,9 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
         version = d.get("schema_version") if isinstance(d, dict) else None
-        if version != SCHEMA_VERSION:
-            raise UserError(f"{where}: cache schema version {version}, this reader understands {SCHEMA_VERSION}; "
+        if version not in READABLE_VERSIONS:
+            raise UserError(f"{where}: cache schema version {version}, this reader understands "
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}; "
                             "rebuild the cache with `make teacher-cache`")
         try:
             return cls(
@@ -181,6 +199,10 @@ def record_path(cache_dir: Path, shard: str) -> Path:
     return Path(cache_dir) / SHARD_DIR / f"{shard}.json"
 
 
-def chunk_positions(bytes_per_position: int, target_bytes: int = 4 << 20) -> int:
-    """Positions per Zarr chunk so one chunk is about `target_bytes` (read whole chunks)."""
-    return max(1024, target_bytes // max(1, bytes_per_position))
+def chunk_positions(bytes_per_position: int, positions: int, target_bytes: int = 4 << 20) -> int:
+    """Positions per Zarr chunk: about `target_bytes` a chunk (readers slice whole chunks), evened out over the
+    array so the last chunk is nearly full (Zarr stores an edge chunk at full size, padded: uncompressed, a
+    small shard would otherwise take a whole 4 MB chunk per array)."""
+    per_chunk = max(1024, target_bytes // max(1, bytes_per_position))
+    n_chunks = max(1, -(-positions // per_chunk))
+    return max(1, -(-positions // n_chunks))

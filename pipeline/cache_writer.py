@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from data.faults import crash_point
-from data.io import UserError, atomic_replace_dir, atomic_write_text, fsync_dir, sha256_file, sha256_tree
+from data.io import UserError, atomic_replace_dir, atomic_write_text, fsync_dir, tree_digest
 from pipeline.cache_reader import shard_problem
-from pipeline.cache_schema import (SHARD_DIR, STAMP, FieldLayout, Manifest, ShardInfo, arrow_path, chunk_positions,
-                                   record_path, row_columns, zarr_path)
+from pipeline.cache_schema import (INT8_MISSING, SHARD_DIR, STAMP, FieldLayout, Manifest, ShardInfo, arrow_path,
+                                   chunk_positions, record_path, row_columns, zarr_path)
+from pipeline.shard_files import ShardFiles, WriteProfile
 
 TMP_SUFFIX = ".partial"
 
@@ -57,11 +58,15 @@ def stat_digest(cache_dir: Path, shard: str) -> str | None:
     return h.hexdigest()[:32]
 
 
+ZARR_ARRAYS = ("hidden", "hidden_scale", "attention", "attention_scale", "values", "values_scale")
+
+
 class ShardBuffer:
     """Rows of one shard as they come out of the teacher, batch by batch.
 
-    Row-level fields are kept as columns and logits/[CLS] as per-batch arrays (no per-row
-    Python objects on the writer's path); the ragged tensors as per-row valid blocks.
+    Row-level fields are kept as columns, logits/[CLS] as per-batch arrays, and each Zarr array as the
+    per-batch blocks the teacher side packed (its rows' valid positions, one after another): no per-row
+    Python objects or slices on the writer's path.
     """
 
     def __init__(self, name: str, set_name: str):
@@ -69,24 +74,22 @@ class ShardBuffer:
         self.columns: dict[str, list] = {}  # row_id, split, text, ..., length, input_ids
         self.logits: list[np.ndarray] = []  # (B, num_labels) per batch
         self.cls: list[np.ndarray] = []  # (B, n_layers * d) per batch
-        self.hidden: list[np.ndarray] = []  # (len, n_layers, d) per row
-        self.attention: list[np.ndarray] = []  # (len², n_layers, H) per row
-        self.values: list[np.ndarray] = []  # (len, d) per row
+        self.packed: dict[str, list[np.ndarray]] = {}  # Zarr array name (ZARR_ARRAYS) -> per-batch blocks
 
     @property
     def num_rows(self) -> int:
         return len(self.columns.get("row_id", ()))
 
-    def add_batch(self, columns: dict[str, list], logits: np.ndarray, cls: np.ndarray | None = None,
-                  hidden=(), attention=(), values=()) -> None:
+    def add_batch(self, columns: dict[str, list], out: dict[str, np.ndarray]) -> None:
+        """One teacher batch: its row columns and outputs (logits, cls, and packed Zarr arrays)."""
         for key, column in columns.items():
             self.columns.setdefault(key, []).extend(column)
-        self.logits.append(logits)
-        if cls is not None:
-            self.cls.append(cls)
-        self.hidden.extend(hidden)
-        self.attention.extend(attention)
-        self.values.extend(values)
+        self.logits.append(out["logits"])
+        if "cls" in out:
+            self.cls.append(out["cls"].reshape(len(out["logits"]), -1))
+        for name in ZARR_ARRAYS:
+            if name in out:
+                self.packed.setdefault(name, []).append(out[name])
 
 
 def _arrow_table(buf: ShardBuffer, layout: FieldLayout, num_labels: int) -> pa.Table:
@@ -110,30 +113,53 @@ def _arrow_table(buf: ShardBuffer, layout: FieldLayout, num_labels: int) -> pa.T
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _write_arrow(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink:
+def _arrow_bytes(table: pa.Table) -> pa.Buffer:
+    """The shard's Arrow IPC file in one buffer of its exact size (sized by a dry run, so it never regrows)."""
+    def write(sink) -> None:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=1024)
-        sink.flush()
-    with open(path, "rb+") as f:
-        import os
 
-        os.fsync(f.fileno())
+    size = pa.MockOutputStream()
+    write(size)
+    out = pa.allocate_buffer(size.size())
+    write(pa.FixedSizeBufferWriter(out))
+    return out
 
 
-def _write_zarr(buf: ShardBuffer, path: Path, codec: str) -> None:
+def _zarr_fields(buf: ShardBuffer):
+    """(array name, data, fill value) of each Zarr array of the shard; each is joined only when its turn comes.
+    A lost chunk reads as the fill value: NaN, or INT8_MISSING for int8 values."""
+    for name in ZARR_ARRAYS:
+        if name in buf.packed:
+            data = np.concatenate(buf.packed[name])
+            yield name, data, INT8_MISSING if data.dtype == np.int8 else np.nan
+
+
+def _write_zarr(buf: ShardBuffer, files: ShardFiles, folder: str, layout: FieldLayout) -> None:
+    """The shard's Zarr group, encoded in memory one array at a time and handed to `files` (the same files a
+    Zarr LocalStore would write: one per key)."""
     import zarr
+    from zarr.storage import MemoryStore
 
-    group = zarr.open_group(str(path), mode="w")
-    for name, parts in (("hidden", buf.hidden), ("attention", buf.attention), ("values", buf.values)):
-        if not parts:
-            continue
-        data = np.concatenate(parts).astype(np.float16, copy=False)
+    encoded: dict = {}
+    group = zarr.open_group(MemoryStore(encoded), mode="w")
+    fields = _zarr_fields(buf)
+    while True:
+        with files.profile.step("encode"):
+            name, data, fill = next(fields, (None, None, None))
+        if name is None:
+            break
         per_position = int(np.prod(data.shape[1:])) * data.itemsize
-        arr = group.create_array(name, shape=data.shape, dtype="float16", fill_value=np.nan,
-                                 chunks=(chunk_positions(per_position), *data.shape[1:]),
-                                 compressors=zarr_codecs(codec))
-        arr[...] = data
+        with files.profile.step("compress"):
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, fill_value=fill,
+                                     chunks=(chunk_positions(per_position, len(data)), *data.shape[1:]),
+                                     compressors=zarr_codecs(layout.zarr_codec),
+                                     config={"write_empty_chunks": True})  # no per-chunk comparison with the fill
+            arr[...] = data
+        del data
+        for key in [k for k in encoded if k != "zarr.json"]:  # this array goes to disk before the next is built
+            files.write(f"{folder}/{key}", encoded.pop(key).as_numpy_array())
+    files.write(f"{folder}/zarr.json", encoded.pop("zarr.json").as_numpy_array())  # rewritten with each array
 
 
 class CacheWriter:
@@ -149,6 +175,7 @@ class CacheWriter:
         self.dir = Path(cache_dir)
         self.manifest = manifest
         self.set_order: list[str] = []  # this run's sets, in run order (see merge_records)
+        self.profile = WriteProfile()  # where the commits' time went (run summary, bench/writer.py)
         (self.dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
     def records(self) -> dict[str, ShardInfo]:
@@ -238,29 +265,38 @@ class CacheWriter:
         return removed
 
     def commit(self, buf: ShardBuffer, merge: bool = True) -> ShardInfo:
-        """Write both files under temporary names, rename them, write the record, then merge."""
+        """Write both files under temporary names (checksummed from memory), rename them, write the record,
+        then merge."""
         layout = self.manifest.layout
         final_arrow, final_zarr = arrow_path(self.dir, buf.name), zarr_path(self.dir, buf.name)
-        tmp_arrow = final_arrow.with_name(final_arrow.name + TMP_SUFFIX)
-        tmp_zarr = final_zarr.with_name(final_zarr.name + TMP_SUFFIX)
-        table = _arrow_table(buf, layout, len(self.manifest.label_names))
-        _write_arrow(table, tmp_arrow)
+        tmp_arrow = final_arrow.name + TMP_SUFFIX
+        tmp_zarr = final_zarr.name + TMP_SUFFIX
+        files = ShardFiles(final_arrow.parent, self.profile)
+        try:
+            with self.profile.step("encode"):
+                data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
+            arrow_sum = files.write(tmp_arrow, data)
+            del data
+            has_zarr = bool(buf.packed)
+            if has_zarr:
+                shutil.rmtree(self.dir / SHARD_DIR / tmp_zarr, ignore_errors=True)
+                _write_zarr(buf, files, tmp_zarr, layout)
+            files.flush()
+        finally:
+            files.close()
         crash_point("shard-arrow-written")
-        has_zarr = bool(buf.hidden or buf.attention or buf.values)
-        zarr_sum = None
+        zarr_sum = tree_digest(files.digests_under(tmp_zarr)) if has_zarr else None
         if has_zarr:
-            shutil.rmtree(tmp_zarr, ignore_errors=True)
-            _write_zarr(buf, tmp_zarr, layout.zarr_codec)
-            zarr_sum = sha256_tree(tmp_zarr)
             crash_point("shard-zarr-written")
-            atomic_replace_dir(tmp_zarr, final_zarr)
+            atomic_replace_dir(self.dir / SHARD_DIR / tmp_zarr, final_zarr)
         crash_point("shard-zarr-renamed")
-        tmp_arrow.replace(final_arrow)
+        (self.dir / SHARD_DIR / tmp_arrow).replace(final_arrow)
         fsync_dir(final_arrow.parent)
         crash_point("shard-files-in-place")
         info = ShardInfo(name=buf.name, set=buf.set, rows=buf.num_rows, tokens=int(sum(buf.columns["length"])),
-                         arrow_sha256=sha256_file(final_arrow), zarr_sha256=zarr_sum)
-        atomic_write_text(record_path(self.dir, buf.name), json.dumps(asdict(info)))
+                         arrow_sha256=arrow_sum, zarr_sha256=zarr_sum)
+        with self.profile.step("record"):
+            atomic_write_text(record_path(self.dir, buf.name), json.dumps(asdict(info)))
         crash_point("shard-recorded")
         if merge:
             self.merge_records()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from data.io import UserError
 from data.prepare import DataConfig
+from pipeline.cache_schema import QUANTIZE
 from pipeline.cache_writer import zarr_codecs
 from pipeline.teacher import TeacherConfig
 
@@ -23,14 +24,15 @@ class CacheConfig:
     store_values: bool = True  # last layer's value vectors (MiniLM value relation)
     batch_size: int = 64
     shard_rows: int = 2048
-    zarr_codec: str = "zstd"  # zstd | blosc-lz4 | none
+    zarr_codec: str = "none"  # none | zstd | blosc-lz4: fp16 teacher outputs shrink ~8% (docs/scaling.md)
+    quantize: str = "none"  # none | int8: hidden states, values and attention as int8 + fp16 scales (half the bytes)
     max_rows: int = 0  # 0 = every row; else at most this many rows per set (tests, demos)
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on GPU (CPU runs fp32)
     writer_queue: int = 4  # batches in flight between the teacher and the writer thread
     logits_from: str = "teacher"  # teacher | data: logits from data.logits_column (the encoder still tokenises
     #                               and gives any [CLS]/hidden/attention fields)
-    commit_threads: int = 2  # shards compressed and written at once (raise it on a many-core GPU host)
+    commit_threads: int = 2  # shards encoded and written at once (raise it on a many-core GPU host)
     rank: int = -1  # -1: torchrun's RANK (0 alone); set it to resume one rank of a multi-rank job alone
     world_size: int = 0  # 0: torchrun's WORLD_SIZE (1 alone)
     push_to: str = ""  # fsspec URL (s3://bucket/x, ...): after a complete build, push the cache there (manifest last)
@@ -54,6 +56,8 @@ def check_settings(cfg: CacheConfig) -> None:
     if cfg.logits_from not in ("teacher", "data"):
         raise UserError(f"cache.logits_from: {cfg.logits_from!r} is not 'teacher' or 'data'")
     zarr_codecs(cfg.zarr_codec)
+    if cfg.quantize not in QUANTIZE:
+        raise UserError(f"cache.quantize: {cfg.quantize!r} is not one of {', '.join(QUANTIZE)}")
 
 
 def evenly_spaced(num_layers: int, k: int = 4) -> list[int]:

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def resolve_layout(cfg, num_layers: int) -> FieldLayout:
                                       what="attention_layers"),
         values_layer=num_layers if cfg.store_values else None,
         zarr_codec=cfg.zarr_codec,
+        quantize=cfg.quantize,
     )
 
 
@@ -76,7 +78,8 @@ def check_compatible(old: Manifest, new: Manifest, cache_dir: Path) -> None:
         ("max_length", old.max_length, new.max_length),
         ("label names", old.label_names, new.label_names),
         ("data set", old.data_name, new.data_name),
-        ("stored layers", old.layout, new.layout),
+        # the codec is not compared: every Zarr array names its own, and an extended cache keeps its own
+        ("stored layers", replace(old.layout, zarr_codec=""), replace(new.layout, zarr_codec="")),
         ("source of logits", old.teacher.logits_from, new.teacher.logits_from),
     ]
     for what, a, b in checks:
@@ -211,8 +214,9 @@ def _build(run: RunConfig, cache_dir: Path, teacher_dir: Path, fine_tune: bool, 
     bar = tqdm(desc=f"caching {writer.dir.name}" + (f" rank {rank}/{world}" if world > 1 else ""), unit="row",
                smoothing=0.1)
     t0 = time.time()
+    pace = Pace(writer, bar)
     try:
-        truncated, written, removed = _run_plans(writer, runner, sets, tables, rank, world, run, bar)
+        truncated, written, removed = _run_plans(writer, runner, sets, tables, rank, world, run, pace)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # name the cache, not a temp file deep inside a Zarr store
             raise OSError(errno.ENOSPC, "no space left", str(writer.dir)) from None
@@ -237,12 +241,34 @@ def _build(run: RunConfig, cache_dir: Path, teacher_dir: Path, fine_tune: bool, 
                          "cached_now": manifest.sets.get(n, {}).get("rows", 0)} for n, t in sets},
             "rows_written": written, "truncated": truncated, "seconds": round(seconds, 2),
             "rows_per_s": round(written / seconds, 1) if written else None, "shards": len(manifest.shards),
-            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": pending}
+            "rows_in_cache": sum(s.rows for s in manifest.shards), "plan_pending": pending, **pace.summary()}
 
 
-def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConfig, bar) -> tuple[int, int, int]:
+class Pace:
+    """Where a caching pass's time went: the teacher's forwards vs waiting for the writer to take a batch (the
+    progress bar says "writer-bound" while that wait is a tenth of the time or more)."""
+
+    def __init__(self, writer: CacheWriter, bar):
+        self.writer, self.bar = writer, bar
+        self.teacher_s = self.writer_wait_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def shard_done(self, shard_s: float, waited_s: float) -> None:
+        self.writer_wait_s += waited_s
+        mb_s = self.writer.profile.bytes / max(1e-9, time.perf_counter() - self.t0) / 1e6
+        self.bar.set_postfix_str(f"writer-bound, {mb_s:.0f} MB/s written" if waited_s >= 0.1 * shard_s else "")
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        return {"teacher_busy_s": round(self.teacher_s, 2), "writer_wait_s": round(self.writer_wait_s, 2),
+                "written_mb_s": round(self.writer.profile.bytes / max(1e-9, wall) / 1e6, 1),
+                "write_profile": self.writer.profile.as_dict()}
+
+
+def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConfig, pace: Pace) -> tuple[int, int, int]:
     """Write this rank's shards of the current plan (then of a next one, while any)."""
     truncated = written = removed = 0
+    bar = pace.bar
     while True:
         plan = current_plan(writer, sets, run.cache.shard_rows)
         recorded = set(writer.records())
@@ -256,10 +282,14 @@ def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConf
         thread.start()
         try:
             for name, set_name, table, ids, cut in _prepared(runner, tables, plan, mine):
-                truncated += run_shard(runner, thread, set_name, name, table, ids, cut, run.cache.batch_size, bar)
+                t0, waited = time.perf_counter(), thread.waited
+                truncated += run_shard(runner, thread, set_name, name, table, ids, cut, run.cache.batch_size, pace)
                 written += table.num_rows
+                pace.shard_done(time.perf_counter() - t0, thread.waited - waited)
         finally:
+            waited = thread.waited
             thread.finish()
+            pace.writer_wait_s += thread.waited - waited  # the last shards' commits
     return truncated, written, removed
 
 
@@ -287,7 +317,7 @@ ROW_PASSTHROUGH = ["row_id", "split", "source_id", "method", "provenance", "text
 
 
 def run_shard(runner: TeacherRunner, thread: WriterThread, set_name: str, shard_name: str, table: pa.Table,
-              ids: list[list[int]], truncated: list[bool], batch_size: int, bar) -> int:
+              ids: list[list[int]], truncated: list[bool], batch_size: int, pace: Pace) -> int:
     cols = table.select(ROW_PASSTHROUGH).to_pydict()
     order = np.argsort([len(x) for x in ids], kind="stable")
     buf = ShardBuffer(shard_name, set_name)
@@ -297,11 +327,13 @@ def run_shard(runner: TeacherRunner, thread: WriterThread, set_name: str, shard_
         columns = {k: [v[i] for i in idx] for k, v in cols.items()}
         columns.update({"set": [set_name] * len(idx), "length": [len(x) for x in batch_ids],
                         "truncated": [truncated[i] for i in idx], "input_ids": batch_ids})
+        t0 = time.perf_counter()
         out = runner.forward(batch_ids)
+        pace.teacher_s += time.perf_counter() - t0
         if runner.given_logits is not None:  # cache.logits_from=data: the user's teacher logits replace the head's
             out["logits"] = torch.tensor([runner.given_logits[r] for r in columns["row_id"]], dtype=torch.float32)
         thread.put((buf, columns, out))
-        bar.update(len(idx))
+        pace.bar.update(len(idx))
     thread.put(("commit", buf))
     return int(sum(truncated))
 
@@ -316,6 +348,10 @@ def main(argv: list[str]) -> int:
     print(f"cache {s['cache']}: {s['rows_in_cache']} rows in {s['shards']} shards; wrote {s['rows_written']} rows{who} "
           f"({s['truncated']} truncated to max_length) in {s['seconds']} s, {s['rows_per_s']} rows/s"
           + ("; other ranks still have shards to write" if s["plan_pending"] else ""))
+    if s["rows_written"]:
+        bound = " (writer-bound)" if s["writer_wait_s"] >= 0.1 * s["seconds"] else ""
+        print(f"  teacher busy {s['teacher_busy_s']} s, waited for the writer {s['writer_wait_s']} s{bound}; "
+              f"wrote {s['written_mb_s']} MB/s")
     return 0
 
 

@@ -1,13 +1,15 @@
 """The teacher side of a caching pass: tokenise, forward with capture, hand host arrays to the writer.
 
 TeacherRunner batches rows by length and runs the teacher under inference_mode (bf16 on a
-GPU), copying outputs to pinned host buffers without waiting; WriterThread splits batches
-into per-row valid blocks and commits finished shards on a small thread pool.
+GPU), packing the token-level fields to their valid positions and copying them to pinned host
+buffers without waiting; WriterThread adds batches to their shard and commits finished shards on
+a small thread pool.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 
@@ -18,6 +20,7 @@ import torch
 from pipeline.attention_capture import AttentionCapture
 from pipeline.cache_schema import FieldLayout, segment_ids
 from pipeline.cache_writer import CacheWriter, ShardBuffer
+from pipeline.quantize import quantize
 
 
 class TeacherRunner:
@@ -58,17 +61,7 @@ class TeacherRunner:
             inputs["token_type_ids"] = segment_ids(input_ids, self.tok.sep_token_id).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self.capture as cap:
             out = self.model(**inputs, output_hidden_states=self.need_hidden)
-        lay = self.layout
-        result = {"logits": out.logits.float()}
-        if lay.cls_layers:
-            result["cls"] = torch.stack([out.hidden_states[l][:, 0] for l in lay.cls_layers], 1).half()
-        if lay.hidden_layers:
-            result["hidden"] = torch.stack([out.hidden_states[l] for l in lay.hidden_layers], 2).half()
-        if lay.attention_layers:  # (B, H, L, L) per layer -> (B, L, L, n_layers, H)
-            result["attention"] = torch.stack([cap.scores[l] for l in lay.attention_layers], -1).permute(
-                0, 2, 3, 4, 1).half()
-        if lay.values_layer is not None:
-            result["values"] = cap.values.half()
+        result = {"logits": out.logits.float(), **self._token_fields(out, cap, inputs["attention_mask"].bool())}
         if self.device.type != "cuda":
             return {k: v.to("cpu") for k, v in result.items()}
         # device->host copies into pinned buffers, left running: the writer thread waits on the event
@@ -79,21 +72,44 @@ class TeacherRunner:
         host["_copied"] = done
         return host
 
+    def _token_fields(self, out, cap, valid) -> dict:
+        """[CLS] of each batch row, and the Zarr fields packed: only the valid positions of each row, rows one after
+        another (hidden/values: Σ len positions; attention: Σ len², a row's (len, len) block row-major), so only
+        those bytes leave the device and the writer slices nothing. int8 (cache.quantize) is applied here too."""
+        lay, fields = self.layout, {}
+        if lay.cls_layers:
+            fields["cls"] = torch.stack([out.hidden_states[l][:, 0] for l in lay.cls_layers], 1).half()
+        pair = valid[:, :, None] & valid[:, None, :]  # (B, L, L) a row's own block
+        int8 = lay.quantize == "int8"
+        if lay.hidden_layers:
+            hidden = torch.stack([out.hidden_states[l] for l in lay.hidden_layers], 2)[valid]  # (Σ len, n, d)
+            fields.update(self._vectors("hidden", hidden, int8))
+        if lay.attention_layers:  # (B, H, L, L) per layer -> (B, L, L, n_layers, H)
+            att = torch.stack([cap.scores[l] for l in lay.attention_layers], -1).permute(0, 2, 3, 4, 1)
+            if int8:  # one step per row, layer and head, from that row's valid block only
+                absmax = att.abs().masked_fill(~pair[..., None, None], 0).amax(dim=(1, 2), keepdim=True)
+                q, scale = quantize(att, absmax)
+                fields.update(attention=q[pair], attention_scale=scale[:, 0, 0])  # (Σ len², n, H), (B, n, H)
+            else:
+                fields["attention"] = att[pair].half()
+        if lay.values_layer is not None:
+            fields.update(self._vectors("values", cap.values[valid], int8))  # (Σ len, d)
+        return fields
 
-def _split_batch(buf: ShardBuffer, columns: dict[str, list], out: dict) -> None:
-    """Add one batch: whole-batch logits/[CLS], per-row valid blocks of the ragged tensors."""
+    @staticmethod
+    def _vectors(name: str, x, int8: bool) -> dict:
+        if not int8:
+            return {name: x.half()}
+        q, scale = quantize(x, x.abs().amax(dim=-1, keepdim=True))  # one step per token vector
+        return {name: q, f"{name}_scale": scale[..., 0]}
+
+
+def _add_batch(buf: ShardBuffer, columns: dict[str, list], out: dict) -> None:
+    """Add one batch to its shard, once its device->host copy is done."""
     copied = out.pop("_copied", None)
-    if copied is not None:  # the batch's device->host copy must be done before numpy reads it
+    if copied is not None:
         copied.synchronize()
-    np_out = {k: v.numpy() for k, v in out.items()}
-    lengths = columns["length"]
-    cls = np_out.get("cls")
-    att = np_out.get("attention")
-    buf.add_batch(columns, np_out["logits"], None if cls is None else cls.reshape(len(lengths), -1),
-                  hidden=[np_out["hidden"][i, :L] for i, L in enumerate(lengths)] if "hidden" in np_out else (),
-                  attention=[att[i, :L, :L].reshape(L * L, *att.shape[3:]) for i, L in enumerate(lengths)]
-                  if att is not None else (),
-                  values=[np_out["values"][i, :L] for i, L in enumerate(lengths)] if "values" in np_out else ())
+    buf.add_batch(columns, {k: v.numpy() for k, v in out.items()})
 
 
 class WriterThread(threading.Thread):
@@ -111,12 +127,13 @@ class WriterThread(threading.Thread):
         self.slots = threading.Semaphore(max(1, commit_threads))
         self.merge_lock = threading.Lock()
         self.pending: list[Future] = []
+        self.waited = 0.0  # seconds the teacher side spent blocked on a full queue or on the last commits
 
     def _commit(self, buf: ShardBuffer) -> None:
         try:
             self.writer.commit(buf, merge=False)
             if self.merge:
-                with self.merge_lock:
+                with self.merge_lock, self.writer.profile.step("record"):
                     self.writer.merge_records()
         finally:
             self.slots.release()
@@ -130,7 +147,8 @@ class WriterThread(threading.Thread):
                     self.slots.acquire()  # bounded memory: wait for a free commit slot
                     self.pending.append(self.pool.submit(self._commit, item[1]))
                 else:
-                    _split_batch(*item)
+                    with self.writer.profile.step("add"):
+                        _add_batch(*item)
                 self._check()
             except BaseException as e:  # surfaced in the main thread
                 self.error = e
@@ -143,12 +161,16 @@ class WriterThread(threading.Thread):
     def put(self, item) -> None:
         if self.error is not None:
             raise self.error
+        t0 = time.perf_counter()
         self.q.put(item)
+        self.waited += time.perf_counter() - t0
 
     def finish(self) -> None:
+        t0 = time.perf_counter()
         self.q.put(None)
         self.join()
         self.pool.shutdown(wait=True)
+        self.waited += time.perf_counter() - t0
         if self.error is None:
             try:
                 self._check()

@@ -91,6 +91,34 @@ def test_rerun_adds_only_new_augmented_rows(tiny_workdir, tiny_cache):
     shutil.rmtree(run.cache.augment_dir)
 
 
+def test_extension_keeps_the_cache_codec_and_reports_where_time_went(tiny_cache, tmp_path):
+    """A run with another zarr_codec extends a cache (each array names its codec; the cache keeps its own), and
+    the summary's write profile counts exactly the bytes that reached the disk."""
+    import zarr
+
+    run, cache_dir = tiny_cache
+    shutil.copytree(cache_dir, tmp_path / "cache" / cache_dir.name)
+    texts = ["a row no shard holds yet", "and a second new one"]
+    aug = pa.Table.from_pydict({
+        "row_id": [make_row_id("new", t) for t in texts], "text": texts, "text_b": [None, None],
+        "label": [None, None], "split": ["train", "train"], "source_id": ["n1", "n2"],
+        "method": ["tang", "tang"], "provenance": [None, None]}, schema=ROW_SCHEMA)
+    write_rows(aug, tmp_path / "augment" / "extra.parquet")
+    other = tiny_run_config(Path(run.data.out_dir).parent, **{
+        "cache.root": str(tmp_path / "cache"), "cache.augment_dir": str(tmp_path / "augment"),
+        "cache.zarr_codec": "zstd"})
+    summary = build_cache(other)
+    assert summary["rows_written"] == 2 and summary["teacher_busy_s"] > 0 and summary["writer_wait_s"] >= 0
+    cache = TeacherCache(tmp_path / "cache" / cache_dir.name)
+    assert cache.verify() == len(cache.manifest.shards)  # checksums taken from memory match the files
+    (new,) = cache.shards(["aug-extra"])
+    group = zarr.open_group(str(cache.dir / "shards" / f"{new.name}.zarr"), mode="r")
+    assert cache.layout.zarr_codec == "none" and list(group["hidden"].compressors) == []  # the cache's own codec
+    files = [cache.dir / "shards" / f"{new.name}.arrow",
+             *(p for p in (cache.dir / "shards" / f"{new.name}.zarr").rglob("*") if p.is_file())]
+    assert summary["write_profile"]["bytes"] == sum(p.stat().st_size for p in files)
+
+
 def test_mismatched_cache_is_refused(tiny_cache):
     run, _ = tiny_cache
     other = tiny_run_config(Path(run.data.out_dir).parent, **{"teacher.max_length": 32})
@@ -189,3 +217,19 @@ def test_killed_writer_resumes_without_loss_or_duplicates(tiny_cache, tmp_path):
     for set_name in ("train", "dev", "test"):  # each set's shards numbered 0..n-1, none twice
         numbers = [int(n.rsplit("-", 1)[1]) for n in names if n.rsplit("-", 1)[0] == set_name]
         assert numbers == list(range(len(numbers)))
+
+
+def test_progress_bar_says_writer_bound_when_the_teacher_waits(tiny_cache):
+    from tqdm import tqdm
+
+    from pipeline.cache_writer import CacheWriter
+    from pipeline.teacher_cache import Pace
+
+    _, cache_dir = tiny_cache
+    with tqdm(disable=False, file=open(os.devnull, "w")) as bar:
+        pace = Pace(CacheWriter(cache_dir, Manifest.load(cache_dir)), bar)
+        pace.shard_done(shard_s=1.0, waited_s=0.5)
+        assert bar.postfix.startswith("writer-bound, ") and bar.postfix.endswith(" MB/s written")
+        pace.shard_done(shard_s=1.0, waited_s=0.01)
+        assert not bar.postfix
+    assert pace.summary()["writer_wait_s"] == 0.51

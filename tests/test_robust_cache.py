@@ -150,7 +150,7 @@ def test_cache_left_by_a_bad_codec_accepts_the_fixed_command(tiny_workdir, tiny_
     (cache_dir / MANIFEST).write_text(json.dumps(d))
     summary = build_cache(_run_on(tiny_workdir, cache_dir, **{"cache.max_rows": 8}))
     assert summary["rows_written"] == 24
-    assert Manifest.load(cache_dir).layout.zarr_codec == "zstd"
+    assert Manifest.load(cache_dir).layout.zarr_codec == "none"  # the default
 
 
 def test_cache_root_that_is_a_file(tiny_workdir, tmp_path):

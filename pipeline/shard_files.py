@@ -1,0 +1,108 @@
+"""Shard bytes to disk: hashed from memory as they are written, flushed once per shard, timed per step.
+
+The writer builds every file of a shard in memory (Arrow IPC bytes, Zarr chunks already compressed), so the
+checksums the manifest records are taken from those bytes instead of reading the files back, and the shard's
+files are fsynced together after the last write instead of one flush between files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from data.io import fsync_dir
+
+# Linux starts writing a file's dirty pages back when told its cache pages are not needed (and drops them once
+# clean: a cache is read by later runs, not by this one). None where the call does not exist.
+START_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
+_HASHERS = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="shard-hash")
+STEPS = ("add", "encode", "compress", "hash", "write", "fsync", "record")
+
+
+class WriteProfile:
+    """Seconds per step of writing, summed over the writer's threads, and the bytes that reached the disk.
+
+    add: a teacher batch joins its shard (after its device->host copy); encode: the Arrow table and its IPC bytes,
+    joining a Zarr array's blocks; compress: Zarr chunks encoded in memory; write, fsync: the files; hash: the
+    checksum's time beyond its file's write (the two run side by side);
+    record: the shard's commit record and the manifest merge."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - t0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+    def as_dict(self) -> dict:
+        return {"bytes": self.bytes, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+class ShardFiles:
+    """Files of one shard under `root`: `write` hashes and writes each one, `flush` fsyncs them all and every
+    folder that gained an entry."""
+
+    def __init__(self, root: Path, profile: WriteProfile):
+        self.root, self.profile = Path(root), profile
+        self.digests: dict[Path, str] = {}  # relative path -> sha256
+        self._fds: list[int] = []
+        self._dirs: set[Path] = {self.root}
+
+    def write(self, rel: str | Path, data) -> str:
+        """Write one file; the disk starts taking it at once (the shard's final fsync then has little left to
+        wait for, and the next file's encoding overlaps this one's transfer)."""
+        path = self.root / rel
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        hashed = _HASHERS.submit(hashlib.sha256, view)  # beside the write: both leave the GIL
+        with self.profile.step("write"):
+            if path.parent not in self._dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._dirs.update(p for p in path.parents if p.is_relative_to(self.root))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            while view:
+                view = view[os.write(fd, view):]
+            if START_WRITEBACK is not None:
+                os.posix_fadvise(fd, 0, 0, START_WRITEBACK)
+        with self.profile.step("hash"):  # what is left of the hash once the write is done
+            digest = hashed.result().hexdigest()
+        self.profile.add_bytes(size)
+        self.digests[Path(rel)] = digest
+        return digest
+
+    def flush(self) -> None:
+        """Make every file written so far durable (data and folder entries), then close them."""
+        with self.profile.step("fsync"):
+            try:
+                for fd in self._fds:
+                    os.fsync(fd)
+            finally:
+                self.close()
+            for folder in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(folder)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def digests_under(self, folder: str) -> dict[Path, str]:
+        """Digests of the files under `folder` (relative to root), relative to that folder (tree_digest's input)."""
+        return {p.relative_to(folder): d for p, d in self.digests.items() if p.is_relative_to(folder)}
