@@ -272,18 +272,15 @@ class CacheWriter:
         tmp_arrow = final_arrow.name + TMP_SUFFIX
         tmp_zarr = final_zarr.name + TMP_SUFFIX
         files = ShardFiles(final_arrow.parent, self.profile)
-        try:
-            with self.profile.step("encode"):
-                data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
-            arrow_sum = files.write(tmp_arrow, data)
-            del data
-            has_zarr = bool(buf.packed)
-            if has_zarr:
-                shutil.rmtree(self.dir / SHARD_DIR / tmp_zarr, ignore_errors=True)
-                _write_zarr(buf, files, tmp_zarr, layout)
-            files.flush()
-        finally:
-            files.close()
+        with self.profile.step("encode"):
+            data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
+        arrow_sum = files.write(tmp_arrow, data)
+        del data
+        has_zarr = bool(buf.packed)
+        if has_zarr:
+            shutil.rmtree(self.dir / SHARD_DIR / tmp_zarr, ignore_errors=True)
+            _write_zarr(buf, files, tmp_zarr, layout)
+        files.flush()
         crash_point("shard-arrow-written")
         zarr_sum = tree_digest(files.digests_under(tmp_zarr)) if has_zarr else None
         if has_zarr:

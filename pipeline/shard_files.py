@@ -61,7 +61,6 @@ class ShardFiles:
     def __init__(self, root: Path, profile: WriteProfile):
         self.root, self.profile = Path(root), profile
         self.digests: dict[Path, str] = {}  # relative path -> sha256
-        self._fds: list[int] = []
         self._dirs: set[Path] = {self.root}
 
     def write(self, rel: str | Path, data) -> str:
@@ -76,11 +75,13 @@ class ShardFiles:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._dirs.update(p for p in path.parents if p.is_relative_to(self.root))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            while view:
-                view = view[os.write(fd, view):]
-            if START_WRITEBACK is not None:
-                os.posix_fadvise(fd, 0, 0, START_WRITEBACK)
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+                if START_WRITEBACK is not None:
+                    os.posix_fadvise(fd, 0, 0, START_WRITEBACK)
+            finally:
+                os.close(fd)  # a shard has hundreds of chunk files: none stays open until the flush
         with self.profile.step("hash"):  # what is left of the hash once the write is done
             digest = hashed.result().hexdigest()
         self.profile.add_bytes(size)
@@ -88,20 +89,16 @@ class ShardFiles:
         return digest
 
     def flush(self) -> None:
-        """Make every file written so far durable (data and folder entries), then close them."""
+        """Make every file written so far durable (data and folder entries)."""
         with self.profile.step("fsync"):
-            try:
-                for fd in self._fds:
+            for rel in self.digests:
+                fd = os.open(self.root / rel, os.O_RDONLY)
+                try:
                     os.fsync(fd)
-            finally:
-                self.close()
+                finally:
+                    os.close(fd)
             for folder in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(folder)
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
 
     def digests_under(self, folder: str) -> dict[Path, str]:
         """Digests of the files under `folder` (relative to root), relative to that folder (tree_digest's input)."""

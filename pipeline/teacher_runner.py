@@ -61,7 +61,7 @@ class TeacherRunner:
             inputs["token_type_ids"] = segment_ids(input_ids, self.tok.sep_token_id).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self.capture as cap:
             out = self.model(**inputs, output_hidden_states=self.need_hidden)
-        result = {"logits": out.logits.float(), **self._token_fields(out, cap, inputs["attention_mask"].bool())}
+        result = {"logits": out.logits.float(), **self._token_fields(out, cap, valid)}
         if self.device.type != "cuda":
             return {k: v.to("cpu") for k, v in result.items()}
         # device->host copies into pinned buffers, left running: the writer thread waits on the event
@@ -72,28 +72,34 @@ class TeacherRunner:
         host["_copied"] = done
         return host
 
-    def _token_fields(self, out, cap, valid) -> dict:
+    def _token_fields(self, out, cap, valid: np.ndarray) -> dict:
         """[CLS] of each batch row, and the Zarr fields packed: only the valid positions of each row, rows one after
         another (hidden/values: Σ len positions; attention: Σ len², a row's (len, len) block row-major), so only
-        those bytes leave the device and the writer slices nothing. int8 (cache.quantize) is applied here too."""
-        lay, fields = self.layout, {}
+        those bytes leave the device and the writer slices nothing. int8 (cache.quantize) is applied here too.
+        The positions are picked with indices computed on the host: a boolean mask would make the host wait for
+        the device to learn the output's size."""
+        lay, fields, int8 = self.layout, {}, self.layout.quantize == "int8"
+        pair = valid[:, :, None] & valid[:, None, :]  # (B, L, L) a row's own block
+
+        def pick(x, mask: np.ndarray, dims: int):  # x's first `dims` dims flattened, the `mask` positions kept
+            index = torch.from_numpy(np.flatnonzero(mask)).to(x.device, non_blocking=True)
+            return x.flatten(0, dims - 1).index_select(0, index)
+
         if lay.cls_layers:
             fields["cls"] = torch.stack([out.hidden_states[l][:, 0] for l in lay.cls_layers], 1).half()
-        pair = valid[:, :, None] & valid[:, None, :]  # (B, L, L) a row's own block
-        int8 = lay.quantize == "int8"
         if lay.hidden_layers:
-            hidden = torch.stack([out.hidden_states[l] for l in lay.hidden_layers], 2)[valid]  # (Σ len, n, d)
+            hidden = pick(torch.stack([out.hidden_states[l] for l in lay.hidden_layers], 2), valid, 2)  # (Σ len, n, d)
             fields.update(self._vectors("hidden", hidden, int8))
         if lay.attention_layers:  # (B, H, L, L) per layer -> (B, L, L, n_layers, H)
             att = torch.stack([cap.scores[l] for l in lay.attention_layers], -1).permute(0, 2, 3, 4, 1)
             if int8:  # one step per row, layer and head, from that row's valid block only
-                absmax = att.abs().masked_fill(~pair[..., None, None], 0).amax(dim=(1, 2), keepdim=True)
-                q, scale = quantize(att, absmax)
-                fields.update(attention=q[pair], attention_scale=scale[:, 0, 0])  # (Σ len², n, H), (B, n, H)
+                outside = torch.from_numpy(~pair).to(att.device, non_blocking=True)[..., None, None]
+                q, scale = quantize(att, att.abs().masked_fill(outside, 0).amax(dim=(1, 2), keepdim=True))
+                fields.update(attention=pick(q, pair, 3), attention_scale=scale[:, 0, 0])  # (Σ len², n, H), (B, n, H)
             else:
-                fields["attention"] = att[pair].half()
+                fields["attention"] = pick(att, pair, 3).half()
         if lay.values_layer is not None:
-            fields.update(self._vectors("values", cap.values[valid], int8))  # (Σ len, d)
+            fields.update(self._vectors("values", pick(cap.values, valid, 2), int8))  # (Σ len, d)
         return fields
 
     @staticmethod
