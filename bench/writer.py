@@ -32,6 +32,7 @@ from data import assets  # noqa: E402
 from data.io import atomic_write_text  # noqa: E402
 from pipeline.cache_schema import FieldLayout, Manifest, TeacherInfo, chunk_positions  # noqa: E402
 from pipeline.cache_writer import CacheWriter, ShardBuffer, zarr_codecs  # noqa: E402
+from pipeline.run_config import CacheConfig  # noqa: E402
 
 MPNET = {"layers": 12, "hidden": 768, "heads": 12, "labels": 3}
 LAYOUTS = {  # issue 14's three: logits + every [CLS]; + 4 attention layers; + 5 hidden layers and values
@@ -117,7 +118,7 @@ def run_writer(folder: Path, layout: FieldLayout, texts: list[str], lengths: np.
     writer = CacheWriter(folder, manifest(layout))
     writer.manifest.save(folder)
     source = Synthetic(layout)
-    thread = WriterThread(writer, 4, merge=True, commit_threads=threads)
+    thread = WriterThread(writer, CacheConfig.writer_queue, merge=True, commit_threads=threads)
     t0 = time.perf_counter()
     thread.start()
     for s, start in enumerate(range(0, len(lengths), shard_rows)):

@@ -128,8 +128,7 @@ class Manifest:
     created_by: str = "distil-cache"
 
     def __post_init__(self):
-        if self.layout.quantize not in QUANTIZE:
-            raise UserError(f"cache.quantize: {self.layout.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        check_quantize(self.layout.quantize)
         self.schema_version = SCHEMA_VERSION if self.layout.quantize == "none" else QUANTIZED_VERSION
 
     def to_json(self) -> str:
@@ -174,6 +173,11 @@ class Manifest:
         if not path.is_file():
             raise UserError(f"{cache_dir}: no {MANIFEST}; not a teacher cache (run `make teacher-cache`)")
         return cls.from_json(path.read_text(), str(path))
+
+
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE:
+        raise UserError(f"cache.quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
 
 
 def segment_ids(input_ids, sep_id: int | None):

@@ -126,32 +126,21 @@ def _arrow_bytes(table: pa.Table) -> pa.Buffer:
     return out
 
 
-def _zarr_fields(buf: ShardBuffer):
-    """(array name, data, fill value) of each Zarr array of the shard; each is joined only when its turn comes.
-    A lost chunk reads as the fill value: NaN, or INT8_MISSING for int8 values."""
-    for name in ZARR_ARRAYS:
-        if name in buf.packed:
-            data = np.concatenate(buf.packed[name])
-            yield name, data, INT8_MISSING if data.dtype == np.int8 else np.nan
-
-
 def _write_zarr(buf: ShardBuffer, files: ShardFiles, folder: str, layout: FieldLayout) -> None:
     """The shard's Zarr group, encoded in memory one array at a time and handed to `files` (the same files a
-    Zarr LocalStore would write: one per key)."""
+    Zarr LocalStore would write: one per key). A lost chunk reads as the fill value: NaN, or INT8_MISSING."""
     import zarr
     from zarr.storage import MemoryStore
 
     encoded: dict = {}
     group = zarr.open_group(MemoryStore(encoded), mode="w")
-    fields = _zarr_fields(buf)
-    while True:
+    for name in (n for n in ZARR_ARRAYS if n in buf.packed):
         with files.profile.step("encode"):
-            name, data, fill = next(fields, (None, None, None))
-        if name is None:
-            break
+            data = np.concatenate(buf.packed[name])  # each array is joined only when its turn comes
         per_position = int(np.prod(data.shape[1:])) * data.itemsize
         with files.profile.step("compress"):
-            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, fill_value=fill,
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                     fill_value=INT8_MISSING if data.dtype == np.int8 else np.nan,
                                      chunks=(chunk_positions(per_position, len(data)), *data.shape[1:]),
                                      compressors=zarr_codecs(layout.zarr_codec),
                                      config={"write_empty_chunks": True})  # no per-chunk comparison with the fill
@@ -269,26 +258,26 @@ class CacheWriter:
         then merge."""
         layout = self.manifest.layout
         final_arrow, final_zarr = arrow_path(self.dir, buf.name), zarr_path(self.dir, buf.name)
-        tmp_arrow = final_arrow.name + TMP_SUFFIX
-        tmp_zarr = final_zarr.name + TMP_SUFFIX
-        files = ShardFiles(final_arrow.parent, self.profile)
+        shards = final_arrow.parent
+        tmp_arrow, tmp_zarr = final_arrow.name + TMP_SUFFIX, final_zarr.name + TMP_SUFFIX
+        files = ShardFiles(shards, self.profile)
         with self.profile.step("encode"):
             data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
         arrow_sum = files.write(tmp_arrow, data)
         del data
+        crash_point("shard-arrow-written")
         has_zarr = bool(buf.packed)
         if has_zarr:
-            shutil.rmtree(self.dir / SHARD_DIR / tmp_zarr, ignore_errors=True)
+            shutil.rmtree(shards / tmp_zarr, ignore_errors=True)
             _write_zarr(buf, files, tmp_zarr, layout)
         files.flush()
-        crash_point("shard-arrow-written")
         zarr_sum = tree_digest(files.digests_under(tmp_zarr)) if has_zarr else None
         if has_zarr:
             crash_point("shard-zarr-written")
-            atomic_replace_dir(self.dir / SHARD_DIR / tmp_zarr, final_zarr)
+            atomic_replace_dir(shards / tmp_zarr, final_zarr)
         crash_point("shard-zarr-renamed")
-        (self.dir / SHARD_DIR / tmp_arrow).replace(final_arrow)
-        fsync_dir(final_arrow.parent)
+        (shards / tmp_arrow).replace(final_arrow)
+        fsync_dir(shards)
         crash_point("shard-files-in-place")
         info = ShardInfo(name=buf.name, set=buf.set, rows=buf.num_rows, tokens=int(sum(buf.columns["length"])),
                          arrow_sha256=arrow_sum, zarr_sha256=zarr_sum)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from data.io import UserError
 from data.prepare import DataConfig
-from pipeline.cache_schema import QUANTIZE
+from pipeline.cache_schema import check_quantize
 from pipeline.cache_writer import zarr_codecs
 from pipeline.teacher import TeacherConfig
 
@@ -56,8 +56,7 @@ def check_settings(cfg: CacheConfig) -> None:
     if cfg.logits_from not in ("teacher", "data"):
         raise UserError(f"cache.logits_from: {cfg.logits_from!r} is not 'teacher' or 'data'")
     zarr_codecs(cfg.zarr_codec)
-    if cfg.quantize not in QUANTIZE:
-        raise UserError(f"cache.quantize: {cfg.quantize!r} is not one of {', '.join(QUANTIZE)}")
+    check_quantize(cfg.quantize)
 
 
 def evenly_spaced(num_layers: int, k: int = 4) -> list[int]:

@@ -253,16 +253,17 @@ class Pace:
         self.teacher_s = self.writer_wait_s = 0.0
         self.t0 = time.perf_counter()
 
+    def written_mb_s(self) -> float:
+        return self.writer.profile.bytes / max(1e-9, time.perf_counter() - self.t0) / 1e6
+
     def shard_done(self, shard_s: float, waited_s: float) -> None:
         self.writer_wait_s += waited_s
-        mb_s = self.writer.profile.bytes / max(1e-9, time.perf_counter() - self.t0) / 1e6
-        self.bar.set_postfix_str(f"writer-bound, {mb_s:.0f} MB/s written" if waited_s >= 0.1 * shard_s else "")
+        bound = waited_s >= 0.1 * shard_s
+        self.bar.set_postfix_str(f"writer-bound, {self.written_mb_s():.0f} MB/s written" if bound else "")
 
     def summary(self) -> dict:
-        wall = time.perf_counter() - self.t0
         return {"teacher_busy_s": round(self.teacher_s, 2), "writer_wait_s": round(self.writer_wait_s, 2),
-                "written_mb_s": round(self.writer.profile.bytes / max(1e-9, wall) / 1e6, 1),
-                "write_profile": self.writer.profile.as_dict()}
+                "written_mb_s": round(self.written_mb_s(), 1), "write_profile": self.writer.profile.as_dict()}
 
 
 def _run_plans(writer, runner, sets, tables, rank: int, world: int, run: RunConfig, pace: Pace) -> tuple[int, int, int]:
