@@ -46,6 +46,7 @@ demo: assets               ## the whole job on the embedded default, on CPU, in 
 	$(PY) -m augment.run --config $(AUGMENT_CONFIG)
 	$(PY) -m pipeline.teacher_cache --config $(CONFIG)
 	$(PY) -m trainer.train --config configs/demo_students.yaml
+	$(PY) -m trainer.latency work/students/demo/bilstm-hinton
 
 test: assets               ## the test suite (tiny real models, tiny data)
 	$(PY) -m pytest -q $(ARGS)

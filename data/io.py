@@ -1,6 +1,7 @@
 """Small helpers every stage shares: atomic writes, checksums, the device picker, one-line CLI errors."""
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import os
@@ -85,6 +86,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths) -> str:
+    """One checksum of several files' contents, concatenated in sorted path order (names not included)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
 def sha256_tree(root: str | os.PathLike) -> str:
     """Checksum of a folder: relative names and contents of every file, in sorted order."""
     root = Path(root)
@@ -142,6 +153,13 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse for the commands that take positional arguments: a usage error is one line, exit 2 (run_cli)."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

@@ -5,15 +5,17 @@ caller does not ask for are never opened: a logits-only reader touches no Zarr a
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from data.io import UserError, sha256_file, sha256_tree
-from pipeline.cache_schema import (ALL_FIELDS, INT8_MISSING, ZARR_FIELDS, FieldLayout, Manifest, ShardInfo,
-                                   arrow_path, zarr_path)
+from data.io import UserError, atomic_write_text, sha256_file, sha256_files, sha256_tree
+from pipeline.cache_schema import (ALL_FIELDS, INT8_MISSING, STAMP, TOKENIZER_DIR, ZARR_FIELDS, FieldLayout,
+                                   Manifest, ShardInfo, arrow_path, tokenizer_files, zarr_path)
 from pipeline.quantize import dequantize
 
 ROW_FIELDS = ("row_id", "set", "split", "source_id", "method", "text", "text_b", "label", "length", "truncated")
@@ -113,6 +115,59 @@ def _fixed_list_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
     return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
 
+def stat_digest(cache_dir: Path, shard: str) -> str | None:
+    """Digest of a shard's file names, sizes and mtimes (None: its Arrow file is gone).
+
+    Equal to the digest stamped when the shard was last checksummed = unchanged since,
+    so an untouched cache is not rehashed on every run.
+    """
+    files = [arrow_path(cache_dir, shard), *sorted(p for p in zarr_path(cache_dir, shard).rglob("*") if p.is_file())]
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return None
+        h.update(f"{p.relative_to(cache_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class Stamp:
+    """verified.json: each shard's stat digest when its checksums last matched. The writer, `verify` and a pull
+    all check against it, so a cache is checksummed once, not on every read; a changed size or mtime means
+    checksumming again. A lost update (two processes stamping at once) only costs one more checksum."""
+
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir)
+        try:
+            self.shards = dict(json.loads((self.dir / STAMP).read_text())["shards"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            self.shards = {}  # no or a damaged stamp only means every shard is checksummed once more
+        self._saved = dict(self.shards)
+
+    def check(self, info: ShardInfo, zarr: bool = True, full: bool = False) -> str | None:
+        """What is wrong with the shard's files, or None; unchanged since verified = None without reading them."""
+        digest = stat_digest(self.dir, info.name)
+        if digest is not None and self.shards.get(info.name) == digest and not full:
+            return None
+        problem = shard_problem(self.dir, info, zarr)
+        if problem is None and (zarr or not info.zarr_sha256):  # every file was checksummed
+            self.shards[info.name] = digest
+        return problem
+
+    def save(self, manifest: Manifest) -> None:
+        """Write the stamp if it changed (shards no longer listed are dropped); a read-only cache keeps none."""
+        listed = {s.name for s in manifest.shards}
+        kept = {k: v for k, v in sorted(self.shards.items()) if k in listed and v}
+        if kept == self._saved:
+            return
+        try:
+            atomic_write_text(self.dir / STAMP, json.dumps({"shards": kept}, indent=0))
+            self._saved = kept
+        except PermissionError:
+            pass
+
+
 def shard_problem(cache_dir: Path, info: ShardInfo, zarr: bool = True) -> str | None:
     """What is wrong with a committed shard's files (missing, checksum mismatch), or None."""
     path = arrow_path(cache_dir, info.name)
@@ -147,6 +202,21 @@ class TeacherCache:
     def num_labels(self) -> int:
         return len(self.manifest.label_names)
 
+    @cached_property
+    def tokenizer_dir(self) -> Path | None:
+        """The teacher's tokenizer folder: the cache's own copy (checked against the manifest's checksum), else,
+        for a cache built before caches carried one, the teacher folder the manifest names when it is on this
+        machine with the same files; None when neither is."""
+        own = self.dir / TOKENIZER_DIR
+        for folder in (own, Path(self.manifest.teacher.path)):
+            files = tokenizer_files(folder) if folder.is_dir() else []
+            if files and sha256_files(files) == self.manifest.teacher.tokenizer_sha256:
+                return folder
+            if folder == own and own.exists():
+                raise UserError(f"cache {self.dir}: {TOKENIZER_DIR}/ does not match the manifest's tokenizer checksum "
+                                "(changed or damaged); copy the teacher's tokenizer files into it again")
+        return None
+
     def check_fields(self, fields) -> None:
         """Refuse before training when a loss needs a field this cache does not hold."""
         unknown = set(fields) - set(ALL_FIELDS)
@@ -175,13 +245,17 @@ class TeacherCache:
             self._readers[name] = ShardReader(self.dir, info, self.layout)
         return self._readers[name]
 
-    def verify(self, sets=None, fields=ALL_FIELDS) -> int:
-        """Recompute checksums; a damaged shard raises with its name. Returns shards checked."""
-        shards = self.shards(sets)
-        for s in shards:
-            problem = shard_problem(self.dir, s, zarr=bool(set(fields) & set(ZARR_FIELDS)))
-            if problem:
-                raise UserError(f"shard {s.name}: {problem}")
+    def verify(self, sets=None, fields=ALL_FIELDS, full: bool = False) -> int:
+        """Checksums of the shards whose files changed since they were last verified (every shard with `full`);
+        a damaged shard raises with its name. Returns the number of shards found whole."""
+        stamp, shards = Stamp(self.dir), self.shards(sets)
+        try:
+            for s in shards:
+                problem = stamp.check(s, zarr=bool(set(fields) & set(ZARR_FIELDS)), full=full)
+                if problem:
+                    raise UserError(f"shard {s.name}: {problem}")
+        finally:
+            stamp.save(self.manifest)
         return len(shards)
 
     def row_table(self, sets=None, columns=ROW_FIELDS) -> pa.Table:

@@ -4,7 +4,8 @@ Writer (pipeline.cache_writer) and reader (pipeline.cache_reader) both build on 
 definitions. This module imports neither torch nor transformers: stage two reads caches
 without any model code.
 
-A cache folder `<root>/<teacher-name>/` holds `manifest.json` and, per shard `<set>-NNNNN`:
+A cache folder `<root>/<teacher-name>/` holds `manifest.json`, `tokenizer/` (the teacher's tokenizer files) and,
+per shard `<set>-NNNNN`:
   shards/<shard>.arrow  Arrow IPC file, one record per row (ROW_COLUMNS + logits/cls)
   shards/<shard>.zarr/  Zarr v3 group of ragged arrays flattened along a position axis:
       hidden     (Σ len,  n_hidden_layers, d)      fp16  row r: [tok_offset, tok_offset+len)
@@ -33,6 +34,10 @@ INT8_MISSING = -128  # fill value of int8 arrays: quantized values stay in [-127
 MANIFEST = "manifest.json"
 STAMP = "verified.json"  # shard -> digest of its files' names, sizes and mtimes when last checksummed
 SHARD_DIR = "shards"
+DATA_INFO = "data.json"  # what the data step read and quarantined (from the prepared data's meta.json)
+TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer files, whose checksum is teacher.tokenizer_sha256
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "sentencepiece.bpe.model")
 
 # Field groups a loss can ask for. Arrow-backed groups are cheap; Zarr-backed ones are
 # only opened when asked for.
@@ -188,6 +193,11 @@ def segment_ids(input_ids, sep_id: int | None):
         return input_ids * 0
     is_sep = (input_ids == sep_id).long()
     return ((is_sep.cumsum(1) - is_sep) > 0).long()
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files of a model folder that define its tokenizer (hashed into teacher.tokenizer_sha256)."""
+    return sorted(p for p in Path(folder).iterdir() if p.name in TOKENIZER_FILES)
 
 
 def arrow_path(cache_dir: Path, shard: str) -> Path:

@@ -19,10 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data.io import (UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_text, fsync_dir, run_cli,
-                     sha256_file, sha256_tree)
+                     sha256_file, sha256_files, sha256_tree)
 from pipeline.cache_plan import cache_lock
-from pipeline.cache_reader import TeacherCache
-from pipeline.cache_schema import MANIFEST, SHARD_DIR, Manifest, ShardInfo, arrow_path, record_path, zarr_path
+from pipeline.cache_reader import Stamp, TeacherCache, stat_digest
+from pipeline.cache_schema import (MANIFEST, SHARD_DIR, TOKENIZER_DIR, TOKENIZER_FILES, Manifest, ShardInfo, arrow_path,
+                                   record_path, tokenizer_files, zarr_path)
 
 TMP = ".partial"
 
@@ -46,12 +47,6 @@ def _files(cache_dir: Path, info: ShardInfo) -> dict[str, Path]:
         out.update({f"{SHARD_DIR}/{info.name}.zarr/{p.relative_to(z).as_posix()}": p
                     for p in sorted(z.rglob("*")) if p.is_file()})
     return out
-
-
-def _check_local(cache_dir: Path, info: ShardInfo) -> bool:
-    a, z = arrow_path(cache_dir, info.name), zarr_path(cache_dir, info.name)
-    return (a.is_file() and sha256_file(a) == info.arrow_sha256
-            and (not info.zarr_sha256 or (z.is_dir() and sha256_tree(z) == info.zarr_sha256)))
 
 
 def _cat(fs, path: str) -> bytes | None:
@@ -80,7 +75,7 @@ def push(cache_dir, url: str, **storage_options) -> dict:
     manifest = Manifest.from_json(text.decode(), str(cache_dir / MANIFEST))
     fs, root = remote(url, **storage_options)
     have = {p[len(root) + 1:]: d.get("size") for p, d in fs.find(f"{root}/{SHARD_DIR}", detail=True).items()}
-    stats, dirs = {"shards": 0, "files": 0, "bytes": 0, "manifest": False}, set()
+    stats, dirs, stamp = {"shards": 0, "files": 0, "bytes": 0, "manifest": False}, set(), Stamp(cache_dir)
     for info in manifest.shards:
         files, rec = _files(cache_dir, info), f"{SHARD_DIR}/{info.name}.json"
         try:
@@ -90,7 +85,7 @@ def push(cache_dir, url: str, **storage_options) -> dict:
         todo = {r: p for r, p in files.items() if not committed or have.get(r) != p.stat().st_size}
         if not todo:
             continue
-        if not _check_local(cache_dir, info):
+        if stamp.check(info):
             raise UserError(f"shard {info.name}: local files in {cache_dir} do not match their checksums; not pushed")
         if not committed:  # a stale record must not vouch for new files; drop files the shard no longer has
             stale = f"{SHARD_DIR}/{info.name}.zarr/"
@@ -106,6 +101,12 @@ def push(cache_dir, url: str, **storage_options) -> dict:
             _put_bytes(fs, f"{root}/{rec}", json.dumps(asdict(info)).encode())
             stats["files"] += 1
         stats["shards"] += 1
+    stamp.save(manifest)
+    for path in tokenizer_files(cache_dir / TOKENIZER_DIR) if (cache_dir / TOKENIZER_DIR).is_dir() else ():
+        data = path.read_bytes()  # a few small files: compared whole
+        if _cat(fs, f"{root}/{TOKENIZER_DIR}/{path.name}") != data:
+            _put_bytes(fs, f"{root}/{TOKENIZER_DIR}/{path.name}", data)
+            stats["files"] += 1
     if _cat(fs, f"{root}/{MANIFEST}") != text:
         _put_bytes(fs, f"{root}/{MANIFEST}", text)
         stats["manifest"] = True
@@ -144,6 +145,28 @@ def _download(fs, root: str, url: str, local: Path, info: ShardInfo) -> int:
         shutil.rmtree(z_tmp, ignore_errors=True)
 
 
+def _pull_tokenizer(fs, root: str, url: str, local: Path, manifest: Manifest) -> None:
+    """The teacher's tokenizer folder, when the remote has one and the local copy is missing or differs; checked
+    against the manifest before it is moved into place."""
+    final, want = local / TOKENIZER_DIR, manifest.teacher.tokenizer_sha256
+    if final.is_dir() and tokenizer_files(final) and sha256_files(tokenizer_files(final)) == want:
+        return
+    remote_files = [p for p in fs.find(f"{root}/{TOKENIZER_DIR}") if posixpath.basename(p) in TOKENIZER_FILES]
+    if not remote_files:
+        return  # pushed before caches carried their tokenizer
+    tmp = local / f".{TOKENIZER_DIR}{TMP}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for p in remote_files:
+            (tmp / posixpath.basename(p)).write_bytes(fs.cat_file(p))
+        if sha256_files(tokenizer_files(tmp)) != want:
+            raise UserError(f"{url}/{TOKENIZER_DIR}: does not match the manifest's tokenizer checksum; not installed")
+        atomic_replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pull(url: str, local_dir, **storage_options) -> dict:
     """Mirror a pushed cache: only shards missing or damaged locally are fetched; the manifest last."""
     fs, root = remote(url, **storage_options)
@@ -153,12 +176,16 @@ def pull(url: str, local_dir, **storage_options) -> dict:
     local, stats = Path(local_dir), {"shards": 0, "bytes": 0, "kept": 0}
     with cache_lock(local):  # ranks of one job pulling into one mirror take turns
         (local / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        stamp = Stamp(local)  # a shard unchanged since it was last verified is not read again
         for info in manifest.shards:
-            if _check_local(local, info):
+            if stamp.check(info) is None:
                 stats["kept"] += 1
             else:
-                stats["bytes"] += _download(fs, root, url, local, info)
+                stats["bytes"] += _download(fs, root, url, local, info)  # checksummed before it is installed
+                stamp.shards[info.name] = stat_digest(local, info.name)
                 stats["shards"] += 1
+        stamp.save(manifest)
+        _pull_tokenizer(fs, root, url, local, manifest)
         atomic_write_bytes(local / MANIFEST, text)
     return stats
 

@@ -8,7 +8,6 @@ shards (`CacheWriter.repair`) and un-commits damaged ones, so they are written a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -19,8 +18,8 @@ import pyarrow as pa
 
 from data.faults import crash_point
 from data.io import UserError, atomic_replace_dir, atomic_write_text, fsync_dir, tree_digest
-from pipeline.cache_reader import shard_problem
-from pipeline.cache_schema import (INT8_MISSING, SHARD_DIR, STAMP, FieldLayout, Manifest, ShardInfo, arrow_path,
+from pipeline.cache_reader import Stamp, stat_digest
+from pipeline.cache_schema import (INT8_MISSING, SHARD_DIR, FieldLayout, Manifest, ShardInfo, arrow_path,
                                    chunk_positions, record_path, row_columns, zarr_path)
 from pipeline.shard_files import ShardFiles, WriteProfile
 
@@ -39,23 +38,6 @@ def zarr_codecs(name: str):
     if name == "none":
         return None
     raise UserError(f"cache.zarr_codec: unknown codec {name!r}; use zstd, blosc-lz4 or none")
-
-
-def stat_digest(cache_dir: Path, shard: str) -> str | None:
-    """Digest of a shard's file names, sizes and mtimes (None: its Arrow file is gone).
-
-    Equal to the digest stamped when the shard was last checksummed = unchanged since,
-    so an untouched cache is not rehashed on every run.
-    """
-    files = [arrow_path(cache_dir, shard), *sorted(p for p in zarr_path(cache_dir, shard).rglob("*") if p.is_file())]
-    h = hashlib.sha256()
-    for p in files:
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            return None
-        h.update(f"{p.relative_to(cache_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32]
 
 
 ZARR_ARRAYS = ("hidden", "hidden_scale", "attention", "attention_scale", "values", "values_scale")
@@ -196,19 +178,10 @@ class CacheWriter:
             self.manifest.shards.sort(key=lambda s: (rank[s.set], s.name))
             self.manifest.save(self.dir)
             # checksummed from their final files when committed: verified as of now
-            self._save_stamp({**self._stamp(), **{r.name: stat_digest(self.dir, r.name) for r in new}})
+            stamp = Stamp(self.dir)
+            stamp.shards.update({r.name: stat_digest(self.dir, r.name) for r in new})
+            stamp.save(self.manifest)
         return len(new)
-
-    def _stamp(self) -> dict[str, str]:
-        try:
-            return dict(json.loads((self.dir / STAMP).read_text())["shards"])
-        except (FileNotFoundError, KeyError, TypeError, ValueError):
-            return {}  # no or a damaged stamp only means every shard is checksummed once more
-
-    def _save_stamp(self, stamp: dict[str, str | None]) -> None:
-        listed = {s.name for s in self.manifest.shards}
-        kept = {k: v for k, v in sorted(stamp.items()) if k in listed and v}
-        atomic_write_text(self.dir / STAMP, json.dumps({"shards": kept}, indent=0))
 
     def repair(self) -> list[tuple[ShardInfo, str]]:
         """Check every committed shard (under the cache lock); un-commit the damaged ones.
@@ -220,17 +193,11 @@ class CacheWriter:
         """
         self.manifest = Manifest.load(self.dir)
         self.merge_records()
-        stamp, damaged = self._stamp(), []
-        verified = dict(stamp)
+        stamp, damaged = Stamp(self.dir), []
         for info in self.manifest.shards:
-            digest = stat_digest(self.dir, info.name)
-            if digest is not None and stamp.get(info.name) == digest:
-                continue
-            problem = shard_problem(self.dir, info)
+            problem = stamp.check(info)
             if problem:
                 damaged.append((info, problem))
-            else:
-                verified[info.name] = digest
         for info, _ in damaged:
             record_path(self.dir, info.name).unlink(missing_ok=True)  # un-committed first
             self.manifest.shards.remove(info)
@@ -238,8 +205,7 @@ class CacheWriter:
         if damaged:
             self.manifest.save(self.dir)
             self.remove_unfinished({info.name for info, _ in damaged})
-        if damaged or verified != stamp:
-            self._save_stamp(verified)
+        stamp.save(self.manifest)
         return damaged
 
     def remove_unfinished(self, shards: set[str]) -> list[str]:

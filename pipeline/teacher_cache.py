@@ -9,8 +9,9 @@ arrays and commits shards while the next batches compute.
 from __future__ import annotations
 
 import errno
-import hashlib
+import json
 import os
+import shutil
 import time
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +23,15 @@ import torch
 from tqdm import tqdm
 
 from data.config import parse_cli, save_config
-from data.io import UserError, check_output_dir, pick_device, run_cli
+from data.io import (UserError, atomic_replace_dir, atomic_write_text, check_output_dir, pick_device, run_cli,
+                     sha256_files)
 from data.assets import resolve_model
 from data.prepare import ensure_prepared, load_given_logits, load_split
 from data.rows import read_rows, table_fingerprint
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  run_lock, save_plan)
-from pipeline.cache_schema import MANIFEST, SHARD_DIR, FieldLayout, Manifest, TeacherInfo, arrow_path
+from pipeline.cache_schema import (DATA_INFO, MANIFEST, SHARD_DIR, TOKENIZER_DIR, FieldLayout, Manifest, TeacherInfo, arrow_path,
+                                   tokenizer_files)
 from pipeline.cache_sync import check_target, push_built
 from pipeline.cache_writer import CacheWriter, ShardBuffer
 from pipeline.run_config import RunConfig, check_settings, evenly_spaced, parse_layers
@@ -36,24 +39,27 @@ from pipeline.teacher import check_config, check_teacher_data, finetune, is_fine
 from pipeline.teacher_runner import TeacherRunner, WriterThread
 
 
-def _hash_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
 def teacher_info(path: Path, model) -> TeacherInfo:
     weights = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
-    tok_files = [p for p in path.iterdir() if p.name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                                                          "special_tokens_map.json", "sentencepiece.bpe.model")]
     c = model.config
     return TeacherInfo(name=path.name, path=str(path.resolve()), model_type=c.model_type,
                        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
-                       num_labels=c.num_labels, weights_sha256=_hash_files(weights),
-                       tokenizer_sha256=_hash_files(tok_files))
+                       num_labels=c.num_labels, weights_sha256=sha256_files(weights),
+                       tokenizer_sha256=sha256_files(tokenizer_files(path)))
+
+
+def save_tokenizer(teacher_dir: Path, cache_dir: Path) -> None:
+    """Copy the teacher's tokenizer into the cache (once, atomically): a cache copied elsewhere still says how
+    its input_ids were made, and a small-BERT student trained on them tokenises the same way."""
+    final = cache_dir / TOKENIZER_DIR
+    if final.is_dir():
+        return
+    tmp = cache_dir / f".{TOKENIZER_DIR}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for p in tokenizer_files(teacher_dir):
+        shutil.copyfile(p, tmp / p.name)
+    atomic_replace_dir(tmp, final)
 
 
 def resolve_layout(cfg, num_layers: int) -> FieldLayout:
@@ -161,6 +167,7 @@ def open_cache(run: RunConfig, model, teacher_dir: Path, meta: dict, cache_dir: 
         else:
             manifest = new
             manifest.save(cache_dir)
+        save_tokenizer(teacher_dir, cache_dir)  # also into a cache built before caches carried it
     return CacheWriter(cache_dir, manifest)
 
 
@@ -186,6 +193,9 @@ def build_cache(run: RunConfig) -> dict:
         return _build(run, cache_dir, teacher_dir, fine_tune, device, rank, world)
 
 
+DATA_FIELDS = ("name", "source", "rows_in", "rows", "quarantined", "unlabelled")  # of meta.json, for pipeline.inspect
+
+
 def _build(run: RunConfig, cache_dir: Path, teacher_dir: Path, fine_tune: bool, device, rank: int, world: int) -> dict:
     data_dir = Path(run.data.out_dir)
     meta = ensure_prepared(run.data)  # prepared again when its inputs changed, never reused silently
@@ -197,6 +207,7 @@ def _build(run: RunConfig, cache_dir: Path, teacher_dir: Path, fine_tune: bool, 
     model, tokenizer = load_classifier(str(teacher_dir), len(meta["label_names"]))
     model.to(device).eval()
     writer = open_cache(run, model, teacher_dir, meta, cache_dir)
+    atomic_write_text(cache_dir / DATA_INFO, json.dumps({k: meta.get(k) for k in DATA_FIELDS}, indent=1))
     sets = gather_sets(run, data_dir)
     writer.set_order = [name for name, _ in sets]
     for name, table in sets if given is not None else ():

@@ -74,3 +74,21 @@ def test_readme_inference_example_runs(tmp_path, monkeypatch):
     exec(compile(ast.Module(body, []), "README.md", "exec"), scope)
     predicted = eval(compile(ast.Expression(last.value), "README.md", "eval"), scope)
     assert len(predicted) == 2 and set(predicted) <= {"negative", "positive"}
+
+
+def test_cache_format_example_reads_a_shard(tiny_cache):
+    """docs/cache-format.md's plain pyarrow + zarr example, verbatim but for the cache path, on a real cache."""
+    import numpy as np
+
+    from pipeline.cache_reader import TeacherCache
+
+    (code,) = [b.values[0] for b in blocks("python") if "pa.ipc.open_file" in b.values[0]]
+    assert '"work/cache/minilm-tweets"' in code
+    scope: dict = {}
+    exec(compile(code.replace('"work/cache/minilm-tweets"', repr(str(tiny_cache[1]))), "cache-format.md", "exec"),
+         scope)
+    cache = TeacherCache(tiny_cache[1])
+    info = cache.manifest.shards[0]
+    block = cache.reader(info).read(0, info.rows, ("logits", "hidden"))
+    np.testing.assert_array_equal(scope["logits"], block["logits"])
+    np.testing.assert_array_equal(scope["row0"], block["hidden"][0])

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -148,3 +149,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
 def test_help():
     code, out, _ = export("--help")
     assert code == 0 and out.startswith("usage: python -m trainer.export") and "--int8" in out
+
+
+@pytest.mark.parametrize("student", ["bilstm", "smallbert"])
+def test_latency_table_beside_the_teacher(runs, tiny_cache, student, capsys):
+    """`python -m trainer.latency`: every serving form at batch 1 and 64, 1 thread and all, beside the teacher
+    the cache names (the tiny MiniLM teacher folder), written to the run folder."""
+    from trainer.latency import BATCHES, main as latency_main
+
+    run = runs / f"{student}-ce"
+    assert latency_main([str(run), "--rows", "8"]) == 0
+    info = json.loads((run / "latency.json").read_text())
+    assert info["teacher"] == tiny_cache[0].teacher.out_dir
+    forms = {"eager fp32", "eager int8", "torchscript fp32", "torchscript int8"}
+    if importlib.util.find_spec("onnxruntime"):
+        forms |= {"onnx fp32", "onnx int8"}
+    threads = sorted({1, os.cpu_count()})
+    got = {(r["model"], r["form"], r["batch"], r["threads"]) for r in info["results"]}
+    assert got == {("student", f, b, t) for f in forms for b in BATCHES for t in threads} | \
+        {("teacher", "eager fp32", b, t) for b in BATCHES for t in threads}
+    for r in info["results"]:
+        assert r["ms_per_sentence"] > 0 and r["sentences_per_s"] == pytest.approx(1000 / r["ms_per_sentence"])
+        assert r["speedup"] == pytest.approx(next(
+            t["ms_per_sentence"] for t in info["results"]
+            if t["model"] == "teacher" and (t["batch"], t["threads"]) == (r["batch"], r["threads"])) / r["ms_per_sentence"])
+    assert "× faster than teacher" in capsys.readouterr().out and (run / "latency.md").is_file()

@@ -89,3 +89,10 @@ def test_help_from_the_real_command():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: python -m trainer.train ") and "  batch_size: int = 64" in r.stdout
+
+
+@pytest.mark.parametrize("module", ["pipeline.inspect", "trainer.latency", "trainer.export", "pipeline.cache_sync"])
+def test_positional_commands_answer_help(module):
+    """The commands that take a folder or URL (argparse) answer --help with their usage and docstring."""
+    text = help_of(module, "--help")
+    assert text.startswith(f"usage: python -m {module} ") and "positional arguments:" in text

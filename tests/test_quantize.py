@@ -87,3 +87,14 @@ def test_quantize_round_trip_and_zero_vectors():
     assert (back[3] == 0).all()
     step = x.abs().amax(dim=-1, keepdim=True).numpy() / 127
     assert (np.abs(back - x.numpy()) <= 0.5 * step * 1.01 + 1e-3 * np.abs(x.numpy()) + 1e-6).all()
+
+
+def test_fp16_cache_keeps_the_run_key_it_had_before_quantize(tiny_cache, monkeypatch):
+    """Runs trained before caches could be quantised must still find their key: an fp16 cache's fingerprint
+    material has no quantize entry (as its manifest has none)."""
+    from trainer import run_key
+
+    seen = []
+    monkeypatch.setattr(run_key, "_digest", lambda material: seen.append(material) or "digest")
+    run_key.cache_fingerprint(TeacherCache(tiny_cache[1]))
+    assert "quantize" not in seen[0]["layout"] and "cls_layers" in seen[0]["layout"]

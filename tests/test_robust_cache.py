@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from data.io import UserError, run_cli
-from pipeline import cache_writer
+from pipeline import cache_reader
 from pipeline.cache_plan import run_lock
 from pipeline.cache_reader import TeacherCache
 from pipeline.cache_schema import MANIFEST, STAMP, Manifest
@@ -106,8 +106,8 @@ def test_untouched_cache_is_not_rehashed(tiny_workdir, tiny_cache, tmp_path, mon
     cache_dir = _copy(tiny_cache[1], tmp_path / "clean")
     (cache_dir / STAMP).unlink()  # as left by an older version: every shard is checksummed once
     checked = []
-    real = cache_writer.shard_problem
-    monkeypatch.setattr(cache_writer, "shard_problem", lambda *a, **k: checked.append(a[1].name) or real(*a, **k))
+    real = cache_reader.shard_problem
+    monkeypatch.setattr(cache_reader, "shard_problem", lambda *a, **k: checked.append(a[1].name) or real(*a, **k))
     run = _run_on(tiny_workdir, cache_dir)
     assert build_cache(run)["rows_written"] == 0
     assert sorted(checked) == sorted(_manifest_shards(cache_dir))

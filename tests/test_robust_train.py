@@ -153,6 +153,7 @@ def test_unknown_loss_is_one_line_from_the_real_command(tiny_cache, tmp_path):
     (["runs=[{student: bilstm, loss: hinton, lr: -0.1}]"], "run bilstm-hinton: epochs=0, lr=-0.1 (must be >= 0"),
     (["runs=[{student: bilstm, loss: hinton, loss_params: {tt: 2}}]"], "unknown key(s) ['tt']"),
     (["on_change=keep"], "on_change=keep (must be one of new, refuse, overwrite)"),
+    (["verify=sometimes"], "verify=sometimes (must be true, false or full)"),
     (["device=cuda"], "device=cuda asked for, but no CUDA GPU"),
 ])
 def test_bad_names_and_settings_refused_before_anything_is_written(tiny_cache, tmp_path, capsys, args, message):

@@ -157,10 +157,10 @@ def test_smallbert_from_finetuned_checkpoint(tmp_path):
     assert torch.equal(s_sd["bert.encoder.layer.1.output.dense.weight"], t_sd["bert.encoder.layer.0.output.dense.weight"])
     assert torch.equal(s_sd["bert.pooler.dense.weight"], t_sd["bert.pooler.dense.weight"])
     assert s.model.classifier.out_features == 2
-    s.check_tokenizer(tmp_path)
+    s.check_tokenizer(AutoTokenizer.from_pretrained(str(tmp_path)), tmp_path)  # the teacher's: taken
     tok.add_tokens(["blorptastic"])
-    with pytest.raises(UserError, match="tokenizer"):
-        s.check_tokenizer(tok)
+    with pytest.raises(UserError, match="is not the teacher's"):
+        s.check_tokenizer(tok, tmp_path)
 
 
 def test_smallbert_capture_matches_hand_computation():

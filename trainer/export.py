@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.io import UserError, atomic_replace_dir, atomic_write_text, check_output_dir, run_cli
+from data.io import CliParser, UserError, atomic_replace_dir, atomic_write_text, check_output_dir, run_cli
 from trainer.evaluate import markdown_table
 from trainer.students import META, WEIGHTS, BiLSTMStudent, TextCNNStudent, load_student
 from trainer.students._word import WordStudent
@@ -176,12 +176,15 @@ def _gemm_as_matmul(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def runner(fmt: str, path: Path, names: list[str]):
-    """tensors -> logits (numpy) with the exported file, as a user would load it."""
+def runner(fmt: str, path: Path, names: list[str], threads: int = 0):
+    """tensors -> logits (numpy) with the exported file, as a user would load it (onnxruntime: `threads` intra-op
+    threads, 0 = its default; TorchScript follows torch.set_num_threads)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1 if threads else 0
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda xs: session.run(["logits"], {n: x.numpy() for n, x in zip(names, xs)})[0]
     with warnings.catch_warnings():  # torch.jit's deprecation notice: loading it is what a user would do
         warnings.simplefilter("ignore")
@@ -370,13 +373,8 @@ def _tokenizer(student, best: Path, folder: Path) -> dict:
     return {"kind": student.kind, "files": files, "load": "the student's encode_texts (trainer/students)"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (run_cli), not argparse's usage block
-        raise UserError(f"{self.prog}: {message}")
-
-
 def main(argv: list[str]) -> int:
-    p = _Parser(prog="python -m trainer.export", description=__doc__,
+    p = CliParser(prog="python -m trainer.export", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a trained run folder (<out_dir>/<name>) or its best/ folder")
     p.add_argument("--format", required=True, choices=sorted(FORMATS))

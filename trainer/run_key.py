@@ -60,6 +60,7 @@ def _bad_settings(cfg) -> list[str]:
     bad += [f"{k}={getattr(cfg, k)} (must be > 0)" for k in ("grad_clip",) if getattr(cfg, k) <= 0]
     bad += [f"warmup_ratio={cfg.warmup_ratio} (must be in [0, 1])"] if not 0 <= cfg.warmup_ratio <= 1 else []
     bad += [f"on_change={cfg.on_change} (must be one of {', '.join(ON_CHANGE)})"] if cfg.on_change not in ON_CHANGE else []
+    bad += [f"verify={cfg.verify} (must be true, false or full)"] if cfg.verify not in (True, False, "full") else []
     return bad
 
 
@@ -94,8 +95,11 @@ def cache_fingerprint(cache: TeacherCache) -> str:
     """sha256 of what a cache holds: the teacher's identity (not where its folder sits), the layout, the labels
     and every shard's checksums; the manifest's names and bookkeeping do not count."""
     m = cache.manifest
+    layout = dataclasses.asdict(m.layout)
+    if layout["quantize"] == "none":  # as before caches could be quantised: keys of earlier runs still match
+        del layout["quantize"]
     return _digest({"teacher": {k: v for k, v in dataclasses.asdict(m.teacher).items() if k != "path"},
-                    "layout": dataclasses.asdict(m.layout), "max_length": m.max_length, "label_names": m.label_names,
+                    "layout": layout, "max_length": m.max_length, "label_names": m.label_names,
                     "shards": sorted((dataclasses.asdict(s) for s in m.shards), key=lambda s: s["name"])})
 
 

@@ -86,7 +86,7 @@ def preflight(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[st
     fields = sorted(set().union(*(s.fields for s in specs)) | set(cached_inputs(kind)))
     cache.check_fields(fields)
     if cfg.verify:  # before anything reads a shard: damage is reported by name, never trained on
-        cache.verify(sets + [cfg.dev_set, cfg.test_set], fields)
+        cache.verify(sets + [cfg.dev_set, cfg.test_set], fields, full=cfg.verify == "full")
     labels = cache.row_table(["train"], ["label"]).column("label")
     for spec in specs:
         if spec.needs_second_teacher and not cfg.cache2:

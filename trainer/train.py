@@ -82,7 +82,7 @@ class TrainConfig:
     #                        augmentation, else it reads <unk> (docs/methods.md)
     oov_std: float = 0.0  # std of the random rows of words without a vector (and <unk>); 0: the vectors' std
     workers: int = 0  # DataLoader worker processes
-    verify: bool = True  # recompute shard checksums before training
+    verify: bool | str = True  # true: checksum the shards whose files changed since last verified | full: all | false
     device: str = "auto"
     out_dir: str = "work/students"
     resume: bool = True  # only ever a checkpoint of this very run (same run key, trainer/run_key.py)
@@ -356,6 +356,9 @@ def main(argv: list[str]) -> int:
     print(result_table(results))
     if cfg.seeds or cfg.sweep:
         print("\n" + summary_markdown(summarise(results)))
+    if cfg.measure_latency:  # the table's latency is eager PyTorch; the serving forms and the teacher are one step away
+        print(f"\nlatency as served (TorchScript, ONNX, int8) beside the teacher: python -m trainer.latency "
+              f"{Path(cfg.out_dir) / results[-1]['run']}")
     return 0
 
 

@@ -165,14 +165,26 @@ class SmallBertStudent(nn.Module):
 
     @classmethod
     def for_run(cls, params: dict, inputs) -> "SmallBertStudent":
-        """The student of `params`; refused when the cache holds token ids its tokenizer does not have."""
+        """The student of `params`, tokenising as the cache's teacher did: it takes the cache's tokenizer (saved
+        with it, so `predict` reads text as the teacher did) and its max_length, and is refused when its source's
+        vocabulary is not the teacher's (cached ids would name other tokens)."""
+        cache = inputs.cache
+        params = {"max_length": cache.manifest.max_length, **params}
         model = cls.from_config(params)
+        if cache.tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            model.check_tokenizer(AutoTokenizer.from_pretrained(str(cache.tokenizer_dir)), cache.dir)
+            return model
+        # a cache built before caches carried their tokenizer, its teacher folder not on this machine
         vocab_size = model.config.hf_config.get("vocab_size")
-        ids = inputs.cache.row_table(inputs.sets, ["input_ids"]).column("input_ids").to_pylist()
+        ids = cache.row_table(inputs.sets, ["input_ids"]).column("input_ids").to_pylist()
         max_id = max((max(row) for row in ids if row), default=0)
         if max_id >= vocab_size:
             raise UserError(f"small-BERT student: its tokenizer has {vocab_size} ids but the cache holds id {max_id}: "
                             "a small-BERT student must share the teacher's tokenizer")
+        print(f"note: cache {cache.dir} has no tokenizer/ and its teacher folder is not here: the student keeps "
+              f"the tokenizer of {model.config.source}, unchecked against the teacher's")
         return model
 
     @classmethod
@@ -204,16 +216,14 @@ class SmallBertStudent(nn.Module):
         # one source layer may feed two student layers (a list with repeats): copy tensors apart
         base.load_state_dict({k: v.clone() for k, v in mapped.items() if k in expected}, strict=False)
 
-    def check_tokenizer(self, teacher_tokenizer) -> None:
-        """UserError unless the teacher's tokenizer (object or folder) has this student's
-        vocabulary: cached input_ids are the teacher's WordPiece ids."""
-        if isinstance(teacher_tokenizer, (str, Path)):
-            from transformers import AutoTokenizer
-
-            teacher_tokenizer = AutoTokenizer.from_pretrained(str(teacher_tokenizer))
+    def check_tokenizer(self, teacher_tokenizer, cache_dir) -> None:
+        """Take the teacher's tokenizer when its vocabulary is this student's; else UserError naming both."""
         if teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise UserError("the small-BERT student's tokenizer differs from the teacher's: build it "
-                            "with source=<the teacher folder> so cached token ids mean the same")
+            raise UserError(f"small-BERT student: the vocabulary of its source {self.config.source!r} "
+                            f"({len(self.tokenizer)} ids) is not the teacher's in {cache_dir}/tokenizer "
+                            f"({len(teacher_tokenizer)} ids): cached input_ids would name other tokens; use "
+                            "student_params.source=<a model with the teacher's tokenizer, e.g. the teacher folder>")
+        self.tokenizer = teacher_tokenizer
 
     # ---------------------------------------------------------------- inputs
     def encode_texts(self, texts, texts_b=None) -> dict:
