@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from pipeline.cache_schema import (ALL_FIELDS, INT8_MISSING, STAMP, TOKENIZER_DI
 from pipeline.quantize import dequantize
 
 ROW_FIELDS = ("row_id", "set", "split", "source_id", "method", "text", "text_b", "label", "length", "truncated")
+
+
+@dataclass
+class Columns:
+    """Rows of a shard as arrays: `lengths` (teacher tokens) and `labels` (-100: none) per row; `rows`: one entry
+    per row (logits (n, K) fp32, cls (n, layers, d) fp16); `ragged`: (flat positions, each row's first position)
+    for input_ids (len per row), hidden and values (len), attention (len², layers, H)."""
+
+    n: int
+    lengths: np.ndarray
+    labels: np.ndarray
+    rows: dict[str, np.ndarray]
+    ragged: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 class ShardReader:
@@ -60,58 +74,80 @@ class ShardReader:
     def _column(self, name: str, start: int, stop: int):
         return self.table.column(name).slice(start, stop - start)
 
-    def read(self, start: int, stop: int, fields=("logits",)) -> dict:
-        """Rows [start, stop) of this shard: row fields always, plus the asked-for groups."""
+    def columns(self, start: int, stop: int, fields=("logits",)) -> "Columns":
+        """Rows [start, stop) as whole arrays, no per-row objects: what the training stream slices batches from."""
         stop = min(stop, self.info.rows)
-        out = {name: self._column(name, start, stop).to_pylist() for name in ROW_FIELDS}
         n = stop - start
+        lengths = self._column("length", start, stop).to_numpy().astype(np.int64)
+        labels = self._column("label", start, stop).fill_null(-100).to_numpy().astype(np.int64)
+        out = Columns(n, lengths, labels, {}, {})
         if "logits" in fields:
-            out["logits"] = _fixed_list_numpy(self._column("logits", start, stop), np.float32).reshape(n, -1)
+            out.rows["logits"] = _fixed_list_numpy(self._column("logits", start, stop), np.float32).reshape(n, -1)
         if "cls" in fields:
             d = len(self.layout.cls_layers)
-            out["cls"] = _fixed_list_numpy(self._column("cls", start, stop), np.float16).reshape(n, d, -1)
+            out.rows["cls"] = _fixed_list_numpy(self._column("cls", start, stop), np.float16).reshape(n, d, -1)
         if "input_ids" in fields:
-            out["input_ids"] = _list_numpy(self._column("input_ids", start, stop), np.int64) if n > 0 else []
-        lengths = out["length"]
-        for name, offsets_col, per_row in (("hidden", "tok_offset", lambda L: L), ("values", "tok_offset", lambda L: L),
-                                           ("attention", "att_offset", lambda L: L * L)):
-            if name not in fields:
-                continue
-            offsets = self._column(offsets_col, start, stop).to_numpy()
-            lo, hi = int(offsets[0]), int(offsets[-1]) + per_row(lengths[-1])
-            block = self._checked(name, lo, hi)
-            rows = [block[o - lo : o - lo + per_row(L)] for o, L in zip(offsets.tolist(), lengths)]
-            if self.layout.quantize == "int8":  # float16 = int8 × scale (pipeline/quantize.py)
-                if name == "attention":  # one scale per row, layer and head
-                    scales = self._checked("attention_scale", start, stop)
-                    rows = [dequantize(r, s) for r, s in zip(rows, scales)]
-                else:  # one scale per token vector
-                    scales = self._checked(f"{name}_scale", lo, hi)
-                    rows = [dequantize(r, scales[o - lo : o - lo + L, ..., None])
-                            for r, o, L in zip(rows, offsets.tolist(), lengths)]
+            col = self._column("input_ids", start, stop).combine_chunks()
+            offsets = col.offsets.to_numpy()
+            out.ragged["input_ids"] = (col.flatten().to_numpy(zero_copy_only=False).astype(np.int64),
+                                       (offsets[:-1] - offsets[0]).astype(np.int64))
+        for name in ("hidden", "values", "attention"):
+            if name in fields and n:
+                out.ragged[name] = self._ragged(name, start, stop, lengths)
+        return out
+
+    def _ragged(self, name: str, start: int, stop: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of the rows as fp16, each row's first position in it) of a Zarr field."""
+        per_row = lengths * lengths if name == "attention" else lengths
+        offsets = self._column("att_offset" if name == "attention" else "tok_offset", start, stop).to_numpy()
+        lo, hi = int(offsets[0]), int(offsets[-1] + per_row[-1])
+        block = self._checked(name, lo, hi)
+        if self.layout.quantize == "int8":  # float16 = int8 × scale (pipeline/quantize.py)
+            if name == "attention":  # one scale per row, layer and head: repeated over the row's positions
+                scales = np.repeat(self._checked("attention_scale", start, stop), per_row, axis=0)
+            else:  # one scale per token vector
+                scales = self._checked(f"{name}_scale", lo, hi)[..., None]
+            block = dequantize(block, scales)
+        return block, (offsets - lo).astype(np.int64)
+
+    def read(self, start: int, stop: int, fields=("logits",)) -> dict:
+        """Rows [start, stop) of this shard as per-row values (row fields as lists, token fields one array per
+        row, attention as (layers, H, len, len)): for lookups and inspection; training slices `columns`."""
+        stop = min(stop, self.info.rows)
+        out = {name: self._column(name, start, stop).to_pylist() for name in ROW_FIELDS}
+        cols = self.columns(start, stop, fields)
+        out.update({k: np.array(v) for k, v in cols.rows.items()})  # writable copies, not views of the mapped file
+        sizes = {"input_ids": cols.lengths, "hidden": cols.lengths, "values": cols.lengths,
+                 "attention": cols.lengths * cols.lengths}
+        for name, (flat, starts) in cols.ragged.items():
+            rows = [flat[a : a + size] for a, size in zip(starts.tolist(), sizes[name].tolist())]
             if name == "attention":  # (L², layers, H) -> (layers, H, L, L)
-                rows = [r.reshape(L, L, *r.shape[1:]).transpose(2, 3, 0, 1) for r, L in zip(rows, lengths)]
+                rows = [r.reshape(L, L, *r.shape[1:]).transpose(2, 3, 0, 1) for r, L in zip(rows, cols.lengths.tolist())]
             out[name] = rows
+        if "input_ids" in fields and not cols.n:
+            out["input_ids"] = []
         return out
 
     def _checked(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Positions [lo, hi) of a Zarr array; a lost chunk reads as the fill value (NaN, or -128 for int8)."""
         block = self._array(name)[lo:hi]
-        if np.isnan(block).any() if block.dtype.kind == "f" else (block == INT8_MISSING).any():
+        if _has_missing(block):
             raise UserError(f"shard {self.info.name}: {name} has missing data (a Zarr chunk deleted or damaged)")
         return block
 
 
-def _list_numpy(col: pa.ChunkedArray, dtype) -> list[np.ndarray]:
-    """A list<...> column as one array per row (views into one converted buffer, no Python ints)."""
-    col = col.combine_chunks()
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(dtype)
-    offsets = col.offsets.to_numpy()
-    return np.split(flat, offsets[1:-1] - offsets[0])
+def _has_missing(block: np.ndarray) -> bool:
+    """Any fill value in the block: NaN (fp16 tested on its bits, numpy's isnan is slow on fp16), or INT8_MISSING."""
+    if block.dtype == np.float16:
+        return bool(((block.view(np.uint16) & 0x7FFF) > 0x7C00).any())  # exponent all ones, mantissa not zero
+    return bool(np.isnan(block).any() if block.dtype.kind == "f" else (block == INT8_MISSING).any())
 
 
 def _fixed_list_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
+    """A fixed-size-list column's values as one flat array (a view of the memory-mapped file when it is one chunk)."""
     chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
+    if len(chunks) == 1:
+        return chunks[0].astype(dtype, copy=False)
     return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
 
@@ -189,6 +225,7 @@ class TeacherCache:
         self.dir = Path(path)
         self.manifest = Manifest.load(self.dir)
         self._readers: dict[str, ShardReader] = {}
+        self._logits: dict[str, np.ndarray] = {}
 
     @property
     def layout(self) -> FieldLayout:
@@ -276,6 +313,23 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return sum(s.rows for s in self.manifest.shards)
+
+    def logits_of(self, row_ids) -> np.ndarray:
+        """(rows, K) logits of these row ids, joined by id (Dynamic KD's second teacher): a shard's logits column
+        is converted once and gathered from, never row by row."""
+        out = np.empty((len(row_ids), self.num_labels), np.float32)
+        missing = next((r for r in row_ids if r not in self._index), None)
+        if missing is not None:
+            raise KeyError(f"row {missing} not in cache {self.dir}")
+        shards = np.array([self._index[r][0] for r in row_ids])
+        positions = np.array([self._index[r][1] for r in row_ids], np.int64)
+        for shard in np.unique(shards).tolist():
+            if shard not in self._logits:
+                r = self.reader(shard)
+                self._logits[shard] = _fixed_list_numpy(r.table.column("logits"), np.float32).reshape(r.info.rows, -1)
+            chosen = shards == shard
+            out[chosen] = self._logits[shard][positions[chosen]]
+        return out
 
     def lookup(self, row_id: str, fields=("logits",)) -> dict:
         """One row by id, as a dict of single values: random access for joins by row id (Dynamic KD's second

@@ -105,3 +105,53 @@ def test_missing_field_refused_before_training(tiny_cache, tmp_path):
     summary = build_cache(logits_only)
     with pytest.raises(UserError, match=r"has no \['attention'\]"):
         CacheStream(summary["cache"], ["train"], ("logits", "attention"), StreamConfig())
+
+
+def _reference_batch(cache: TeacherCache, row_ids: list[str], vocab=None, pair=False) -> dict:
+    """The batch those rows make, built row by row from TeacherCache.lookup and the word students' own
+    vocab.encode (the per-row path the columnar stream replaced)."""
+    rows = [cache.lookup(r, ("logits", "cls", "input_ids", "hidden", "attention")) for r in row_ids]
+    B, L = len(rows), max(r["length"] for r in rows)
+    out = {"teacher_logits": torch.stack([torch.from_numpy(r["logits"]) for r in rows]),
+           "teacher_cls": torch.stack([torch.from_numpy(r["cls"].astype("float32")) for r in rows]),
+           "labels": torch.tensor([-100 if r["label"] is None else r["label"] for r in rows]),
+           "input_ids": torch.zeros(B, L, dtype=torch.long), "teacher_hidden": None,
+           "teacher_attention": torch.zeros(B, *rows[0]["attention"].shape[:2], L, L)}
+    hidden = torch.zeros(B, L, *rows[0]["hidden"].shape[1:])
+    for i, r in enumerate(rows):
+        n = r["length"]
+        out["input_ids"][i, :n] = torch.from_numpy(r["input_ids"])
+        hidden[i, :n] = torch.from_numpy(r["hidden"].astype("float32"))
+        out["teacher_attention"][i, :, :, :n, :n] = torch.from_numpy(r["attention"].astype("float32"))
+    out["teacher_hidden"] = hidden.transpose(1, 2)
+    if vocab is not None:
+        out["word_ids"], out["word_lengths"] = vocab.encode([r["text"] for r in rows], max_len=7)
+        if pair:
+            out["word_ids_b"], out["word_lengths_b"] = vocab.encode([r["text_b"] for r in rows], max_len=7)
+    return out
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_columnar_batches_equal_the_row_by_row_ones(tiny_cache, pair):
+    """Every field the stream slices from whole arrays, and the word ids tokenised once per run, equal what the
+    per-row path gives for the same rows (Tang-style `[MASK]` rows and empty second sentences included)."""
+    from trainer.loader import WordIds
+    from trainer.vocab import Vocab
+
+    _, cache_dir = tiny_cache
+    cache = TeacherCache(cache_dir)
+    texts = cache.row_table(SETS, ["text"]).column("text").to_pylist()
+    vocab = Vocab.build(texts[::2])  # half the rows: the other half has <unk> words
+    words = WordIds(cache, SETS, vocab, max_len=7, pair=pair)
+    fields = ("logits", "cls", "input_ids", "hidden", "attention")
+    stream = CacheStream(cache_dir, SETS, fields, StreamConfig(batch_size=16, block_rows=16, window_blocks=3, seed=5),
+                         encode=words)
+    n = 0
+    for batch in stream:
+        want = _reference_batch(cache, batch["row_id"], vocab, pair)
+        for key, value in want.items():
+            assert torch.equal(batch[key], value), key
+        assert torch.equal(batch["attention_mask"], batch["teacher_mask"].long())
+        assert all(v.is_contiguous() for v in batch.values() if torch.is_tensor(v))
+        n += len(batch["row_id"])
+    assert n == len(texts)

@@ -103,8 +103,8 @@ def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: 
     from trainer.students import cached_inputs, load_student, text_encoder
 
     model = load_student(out / "best", device=str(device))
-    test = evaluate(model, cfg.cache, [cfg.test_set], cached_inputs(model), text_encoder(model), cache.num_labels,
-                    device)
+    encode = text_encoder(model, cache, [cfg.test_set])
+    test = evaluate(model, cfg.cache, [cfg.test_set], cached_inputs(model), encode, cache.num_labels, device)
     result = {"run": run.name, "student": run.student, "loss": run.loss,
               "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
               "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],

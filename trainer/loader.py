@@ -7,8 +7,13 @@ twice per epoch. Each consumer reads `window_blocks` blocks at a time (0: its wh
 plan, a full shuffle), permutes their rows and cuts them into batches, optionally
 bucketed by length. Shards are written in length order, so a small window holds a few
 length clusters and bucketing makes batches length-homogeneous: both cost accuracy
-(docs/methods.md, "Training stream"), which is why training defaults to a full shuffle. Because a window's permutation depends only on its index, a run resumed from
-(epoch, batches done) skips whole windows and continues on the very same stream.
+(docs/methods.md, "Student defaults"), which is why training defaults to a full shuffle. Because a window's
+permutation depends only on its index, a run resumed from (epoch, batches done) skips whole windows and
+continues on the very same stream.
+
+A window is held as arrays (`Window`: the blocks' `Columns` joined, ragged fields as flat positions + row
+starts) and every batch is sliced and padded from them with index arithmetic, never through per-row Python
+objects. The built-in word students' ids are tokenised once per run (`WordIds`), not per batch and epoch.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.cache_reader import TeacherCache
+from pipeline.cache_reader import Columns, TeacherCache
 
 
 @dataclass
@@ -122,61 +127,128 @@ class CacheStream(IterableDataset):
                     done += 1
                     continue
                 done += 1
-                yield self._collate([rows[i] for i in b], consumer, done)
+                batch = rows.batch(b, self.layout)
+                if self.encode is not None and not isinstance(self.encode, WordIds):
+                    batch.update(self.encode(batch["text"], batch["text_b"]))
+                batch["stream"] = {"consumer": consumer, "batches_done": done}
+                yield batch
 
-    def _read_window(self, window: list) -> list[dict]:
-        rows = []
-        for name, start, stop in window:
-            block = self._cache.reader(name).read(start, stop, self.fields)
-            keys = list(block)
-            # one dict per row, values block[k][i]: zip over the columns (lists, or arrays row by row)
-            rows.extend(dict(zip(keys, values)) for values in zip(*block.values()))
+    def _read_window(self, window: list) -> "Window":
+        """The window's blocks as one set of arrays (+ the text columns the batches carry)."""
+        parts = [self._cache.reader(name).columns(start, stop, self.fields) for name, start, stop in window]
+        texts = ("row_id", "text", "text_b") if self.encode is not None and not isinstance(self.encode, WordIds) \
+            else ("row_id",)
+        strings = {k: np.concatenate([self._cache.reader(name).table.column(k).slice(start, stop - start)
+                                      .to_numpy(zero_copy_only=False) for name, start, stop in window])
+                   for k in texts}
+        words = [self.encode.block(name, start, stop) for name, start, stop in window] \
+            if isinstance(self.encode, WordIds) else []
+        rows = Window.concat(parts, strings, words)
+        if self._second is not None:  # Dynamic KD's weak teacher: its logits, joined by row id
+            rows.cols.rows["teacher2_logits"] = self._second.logits_of(strings["row_id"])
         return rows
 
-    def _collate(self, rows: list[dict], consumer: int, done: int) -> dict:
-        batch = collate(rows, self.fields, self.layout)
-        if self._second is not None:  # Dynamic KD's weak teacher: its logits, joined by row id
-            extra = [self._second.lookup(r["row_id"], ("logits",)) for r in rows]
-            batch["teacher2_logits"] = torch.from_numpy(np.stack([r["logits"] for r in extra]))
-        if self.encode is not None:
-            batch.update(self.encode(batch["text"], batch["text_b"]))
-        batch["stream"] = {"consumer": consumer, "batches_done": done}
+
+class WordIds:
+    """Every row's word ids, tokenised once per run (not once per batch and epoch): for the built-in word students,
+    whose `encode_texts` is vocab.encode over `tokenize`; the batches they give are the very same tensors."""
+
+    def __init__(self, cache: TeacherCache, sets: list[str], vocab, max_len: int | None, pair: bool):
+        self.pair = pair
+        self.shards: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for info in cache.shards(sets):
+            table = cache.reader(info).table
+            self.shards[info.name] = {suffix: _word_ids(table.column(col).to_pylist(), vocab, max_len)
+                                      for suffix, col in (("", "text"), ("_b", "text_b")) if pair or not suffix}
+
+    def block(self, shard: str, start: int, stop: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(flat ids, each row's first position, words per row) of rows [start, stop) of a shard."""
+        out = {}
+        for key, (flat, starts, lengths) in self.shards[shard].items():
+            first, last = starts[start], starts[stop - 1] + lengths[stop - 1]
+            out[key] = (flat[first:last], starts[start:stop] - first, lengths[start:stop])
+        return out
+
+
+def _word_ids(texts: list, vocab, max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat ids, each row's first position, words per row) of the texts."""
+    rows = [vocab.ids(t, max_len) for t in texts]
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return np.fromiter((i for r in rows for i in r), np.int64, int(lengths.sum())), starts, lengths
+
+
+@dataclass
+class Window:
+    """A window's rows as arrays (`Columns` of its blocks joined), the strings the batches carry and the word ids."""
+
+    cols: Columns
+    strings: dict[str, np.ndarray]
+    words: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def concat(cls, parts: list[Columns], strings: dict, words: list[dict]) -> "Window":
+        lengths = np.concatenate([p.lengths for p in parts])
+        cols = Columns(int(len(lengths)), lengths, np.concatenate([p.labels for p in parts]),
+                       {k: np.concatenate([p.rows[k] for p in parts]) for k in parts[0].rows},
+                       {k: _join([p.ragged[k] for p in parts]) for k in parts[0].ragged})
+        joined = {k: (*_join([(w[k][0], w[k][1]) for w in words]), np.concatenate([w[k][2] for w in words]))
+                  for k in (words[0] if words else {})}
+        return cls(cols, strings, joined)
+
+    def batch(self, idx: np.ndarray, layout: dict) -> dict:
+        """Rows `idx` of the window -> padded float32 tensors with a validity mask."""
+        c = self.cols
+        lengths = c.lengths[idx]
+        L = int(lengths.max())
+        valid = np.arange(L)[None, :] < lengths[:, None]
+        batch = {k: v[idx].tolist() for k, v in self.strings.items()}
+        batch.update(labels=torch.from_numpy(c.labels[idx]), layout=layout, teacher_mask=torch.from_numpy(valid))
+        if "logits" in c.rows:
+            batch["teacher_logits"] = torch.from_numpy(c.rows["logits"][idx])
+        if "cls" in c.rows:  # fp16 -> fp32 by torch (vectorised), not numpy
+            batch["teacher_cls"] = torch.from_numpy(c.rows["cls"][idx]).float()
+        if "teacher2_logits" in c.rows:
+            batch["teacher2_logits"] = torch.from_numpy(c.rows["teacher2_logits"][idx])
+        if "input_ids" in c.ragged:
+            flat, starts = c.ragged["input_ids"]
+            batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
+            batch["attention_mask"] = batch["teacher_mask"].long()
+        if "hidden" in c.ragged:  # (B, L, n, d) -> (B, n, L, d)
+            flat, starts = c.ragged["hidden"]
+            batch["teacher_hidden"] = _fp32(torch.from_numpy(_pad(flat, starts[idx], lengths, L)).transpose(1, 2))
+        if "values" in c.ragged:
+            flat, starts = c.ragged["values"]
+            batch["teacher_values"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L)).float()
+        if "attention" in c.ragged:  # rows of (len², n, H) -> (B, n, H, L, L), zero outside the valid block
+            flat, starts = c.ragged["attention"]
+            r = np.arange(L)
+            block = valid[:, :, None] & valid[:, None, :]
+            src = starts[idx][:, None, None] + r[None, :, None] * lengths[:, None, None] + r[None, None, :]
+            out = np.zeros((len(idx), L, L, *flat.shape[1:]), flat.dtype)
+            out[block] = flat[src[block]]
+            batch["teacher_attention"] = _fp32(torch.from_numpy(out).permute(0, 3, 4, 1, 2))
+        for suffix, (flat, starts, words) in self.words.items():  # word students: what encode_texts would give
+            n = words[idx]
+            batch[f"word_ids{suffix}"] = torch.from_numpy(_pad(flat, starts[idx], n, int(n.max())))
+            batch[f"word_lengths{suffix}"] = torch.from_numpy(n)
         return batch
 
 
-def collate(rows: list[dict], fields, layout: dict) -> dict:
-    """Rows of one batch -> padded float32 tensors with a validity mask."""
-    B = len(rows)
-    labels = [r["label"] for r in rows]
-    batch = {"row_id": [r["row_id"] for r in rows], "text": [r["text"] for r in rows],
-             "text_b": [r["text_b"] for r in rows], "set": [r["set"] for r in rows],
-             "labels": torch.tensor([-100 if y is None else y for y in labels], dtype=torch.long),
-             "layout": layout}
-    lengths = [r["length"] for r in rows]
-    L = max(lengths)
-    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
-    batch["teacher_mask"] = mask
-    if "logits" in fields:
-        batch["teacher_logits"] = torch.from_numpy(np.stack([r["logits"] for r in rows]))
-    if "cls" in fields:
-        batch["teacher_cls"] = torch.from_numpy(np.stack([r["cls"] for r in rows]).astype(np.float32))
-    if "input_ids" in fields:
-        ids = torch.zeros(B, L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : lengths[i]] = torch.from_numpy(r["input_ids"])
-        batch["input_ids"], batch["attention_mask"] = ids, mask.long()
-    for name, key in (("hidden", "teacher_hidden"), ("values", "teacher_values")):
-        if name in fields:  # hidden (len, n, d) -> (B, n, L, d); values (len, d) -> (B, L, d)
-            first = rows[0][name]
-            out = torch.zeros(B, L, *first.shape[1:])
-            for i, r in enumerate(rows):  # the fp16 block is cast to fp32 by the copy
-                out[i, : lengths[i]] = torch.from_numpy(r[name])
-            batch[key] = out.transpose(1, 2).contiguous() if name == "hidden" else out
-    if "attention" in fields:  # (n, H, len, len) -> (B, n, H, L, L), zero outside the valid block
-        n, H = rows[0]["attention"].shape[:2]
-        out = torch.zeros(B, n, H, L, L)
-        for i, r in enumerate(rows):
-            out[i, :, :, : lengths[i], : lengths[i]] = torch.from_numpy(r["attention"])
-        batch["teacher_attention"] = out
-    return batch
+def _join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged (flat, row starts) pieces as one: starts shifted by the positions before them."""
+    shift = np.cumsum([0] + [len(flat) for flat, _ in parts[:-1]])
+    return np.concatenate([f for f, _ in parts]), np.concatenate([s + k for (_, s), k in zip(parts, shift)])
 
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy in one pass (the conversion and the transpose's reordering together)."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _pad(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:
+    """Rows flat[start : start + length] as a zero-padded (B, L, ...) array of flat's dtype."""
+    valid = np.arange(L)[None, :] < lengths[:, None]
+    out = np.zeros((len(starts), L, *flat.shape[1:]), flat.dtype)
+    out[valid] = flat[(starts[:, None] + np.arange(L)[None, :])[valid]]
+    return out

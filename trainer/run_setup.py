@@ -22,7 +22,7 @@ def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
         model = cls.for_run({"num_labels": cache.num_labels, **run.student_params}, RunInputs(cache, sets, cfg))
     except UserError as e:
         raise UserError(f"run {run.name}: {e}") from None
-    return model, text_encoder(model)
+    return model, text_encoder(model, cache, [*sets, cfg.dev_set, cfg.test_set])
 
 def with_projection(run: RunSpec, cache: TeacherCache, specs) -> RunSpec:
     """Losses comparing student vectors with the teacher's [CLS] (PKD, dynakd_supervision) or hidden states

@@ -92,12 +92,14 @@ class Vocab:
     def lookup(self, tokens: Sequence[str]) -> list[int]:
         return [self.stoi.get(t, self.unk_id) for t in tokens]
 
+    def ids(self, text: str | None, max_len: int | None = None) -> list[int]:
+        """A text's word ids, cut at max_len words; an empty text is one <unk>."""
+        ids = self.lookup(tokenize(text))
+        return (ids[:max_len] if max_len else ids) or [self.unk_id]
+
     def encode(self, texts: Sequence[str | None], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L) long padded with 0, lengths (B,) long); an empty text is one <unk>."""
-        rows = []
-        for text in texts:
-            ids = self.lookup(tokenize(text))[:max_len] if max_len else self.lookup(tokenize(text))
-            rows.append(ids or [self.unk_id])
+        rows = [self.ids(text, max_len) for text in texts]
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         out = torch.zeros(len(rows), int(lengths.max()) if rows else 1, dtype=torch.long)
         for i, r in enumerate(rows):
