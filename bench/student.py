@@ -70,7 +70,8 @@ from pipeline.teacher_cache import build_cache  # noqa: E402
 from trainer.loader import CacheStream, StreamConfig  # noqa: E402
 from trainer.losses import get_loss, make_params  # noqa: E402
 from trainer.students import build_student, text_encoder  # noqa: E402
-from trainer.train import TrainConfig, _optimizer  # noqa: E402
+from trainer.run_setup import optimizer  # noqa: E402
+from trainer.train import TrainConfig  # noqa: E402
 from trainer.vocab import Vocab, load_embeddings  # noqa: E402
 
 DEFAULTS = {"rows": "2000", "epochs": "5", "students": "bilstm-hinton,textcnn-hinton,bilstm-tang_mse",
@@ -176,7 +177,7 @@ class Step:
         self.model, self.spec, self.device = model.to(device), get_loss(loss), device
         self.params = make_params(loss, {})
         self.cfg = TrainConfig()
-        self.opt, self.sched = _optimizer(model, 1e-3, self.cfg, total_steps)
+        self.opt, self.sched = optimizer(model, 1e-3, self.cfg, total_steps)
         self.want, self.step = frozenset(self.spec.student_needs), 0
 
     def __call__(self, batch: dict) -> float:

@@ -1,17 +1,19 @@
-"""`python -m recipes.compare` (`make compare`): the distillation catalogue reproduced on one corpus.
+"""`python -m recipes.compare` (`make compare`): the distillation catalogue reproduced on one corpus, ranked.
 
 One command: make sure both teacher caches exist (the primary teacher of `teacher_config`
 and the weaker second teacher of `teacher2_config` that Dynamic KD needs, over the same
 rows; a missing or unfinished cache is built with pipeline.teacher_cache.build_cache),
-train every run of `train.runs` with `train_all` (same cache, same seed, same budget),
-then write
+train every run of `train.runs` per seed of `train.seeds` with `train_all` (same cache and
+budget), then write
 
-  reports/compare.md    the table (teachers, undistilled students, every method) + orderings
-  reports/compare.json  the same numbers
-  reports/compare.png   a bar chart (matplotlib, Agg backend)
+  reports/compare.md    per setting: mean ± s.d. over seeds, the paired difference to its ce twin over
+                        every test row with a 95% bootstrap interval (real / within noise), the orderings
+  reports/compare.json  the same rows, and every single run
+  reports/compare.png   the means with their s.d., beside the paired intervals (matplotlib, Agg backend)
 
 `train.cache` / `train.cache2` are filled from the two teacher configs. `only=a,b` keeps
-the named runs (quick checks); any `train.*` key can be overridden (`train.epochs=1`).
+the named settings; any `train.*` key can be overridden (`train.epochs=1`); `--quick` is the
+demo's budget (one seed, at most 75 batches an epoch) in folders of its own.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from pipeline.cache_reader import TeacherCache
 from pipeline.run_config import RunConfig
 from trainer.evaluate import markdown_table
 from trainer.run_key import plan_stages
+from trainer.paired import interval_text
+from trainer.sweep import setting_of, summarise
 from trainer.train import RunSpec, TrainConfig, plan_runs, train_all
 
 
@@ -40,6 +44,8 @@ class CompareConfig:
     teacher_config: str = "configs/cpu.yaml"  # stage-one config of the primary (strong) teacher
     teacher2_config: str = "configs/teacher2.yaml"  # the second (weak) teacher, same data; "" = none
     build_caches: bool = True  # build a missing cache (false: a one-line error naming the make target)
+    quick: bool = False  # the demo's budget (`--quick`): one seed, at most 75 batches an epoch, reports/compare-quick.*
+    resamples: int = 2000  # bootstrap resamples of the test rows for each paired difference
     only: list[str] = field(default_factory=list)  # run names to keep (empty: every run)
     report: str = "reports/compare.md"  # .json beside it
     plot: str = "reports/compare.png"  # "" = no chart
@@ -151,28 +157,53 @@ def teacher_row(name: str, cache_dir: Path, run: RunConfig, cfg: TrainConfig) ->
             "method": "teacher (cached logits)", "teacher": cache_dir.name, "dev_accuracy": dev["accuracy"],
             "dev_macro_f1": dev["macro_f1"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
             "test_teacher_agreement": None, "params": _teacher_params(folder), "epoch_seconds": seconds,
-            "kind": "teacher"}
+            "kind": "teacher", "test_cell": f"{test['accuracy']:.4f}"}
 
 
 # ---------------------------------------------------------------- report
 COLUMNS = [("model", "run", ""), ("student", "student", ""), ("method", "method", ""), ("teacher", "teacher", ""),
-           ("dev acc", "dev_accuracy", ".4f"), ("dev F1", "dev_macro_f1", ".4f"),
-           ("test acc", "test_accuracy", ".4f"), ("test F1", "test_macro_f1", ".4f"),
+           ("seeds", "n", "d"), ("dev acc", "dev_accuracy", ".4f"), ("test acc (± s.d.)", "test_cell", ""),
+           ("test F1", "test_macro_f1", ".4f"), ("vs ce twin, paired [95% CI]", "paired", ""),
            ("agree w/ T (test)", "test_teacher_agreement", ".3f"), ("params", "params", ",d"),
            ("s/epoch", "epoch_seconds", ".1f"), ("ms/sent b64", "latency_b64_ms", ".2f")]
+AVERAGED = ("dev_accuracy", "dev_macro_f1", "test_accuracy", "test_macro_f1", "test_teacher_agreement",
+            "epoch_seconds", "latency_b64_ms")
+
+
+def setting_rows(results: list[dict], plan: list[RunSpec], train: TrainConfig) -> list[dict]:
+    """One row per setting (a run repeated over seeds): means, the test s.d., and the paired difference to its ce
+    twin over the test rows with a 95% bootstrap interval (trainer/paired.py)."""
+    summary = {row["setting"]: row for row in summarise(results)["settings"]}
+    spec = {r.name: r for r in plan}
+    rows = []
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        repeats = [r for r in results if r["setting"] == setting]
+        first, stats = repeats[0], summary[setting]
+        mean = {k: float(np.mean(v)) if (v := [r[k] for r in repeats if r.get(k) is not None]) else None
+                for k in AVERAGED}
+        sd = stats["test_accuracy"]["sd"]
+        loss = first["loss"]
+        teacher = "T + T2" if needs_second_teacher(spec[first["run"]], train) else ("–" if loss == "ce" else "T")
+        rows.append({"run": setting, "student": first["student"], "loss": loss, "method": METHOD.get(loss, loss),
+                     "teacher": teacher, "kind": "student", "n": len(repeats), **mean, "test_sd": sd,
+                     "test_cell": f"{mean['test_accuracy']:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""),
+                     "vs_ce_ci": stats["vs_ce_ci"], "paired": interval_text(stats["vs_ce_ci"]),
+                     "params": first["params"], "runs": stats["runs"]})
+    return rows
 
 
 def orderings(rows: list[dict], se: float = 0.0) -> list[str]:
-    """The reference orderings that can be checked on this run's rows: one line each, ✓ or ✗
-    (and "within noise" when the two accuracies differ by less than one standard error `se`)."""
+    """The reference orderings that can be checked on this run's rows: one line each, ✓ or ✗, and "within
+    noise" when a method's paired 95% interval against its ce twin holds 0 (other pairs: when the two accuracies
+    differ by less than one standard error `se`)."""
     by = {r["run"]: r for r in rows}
     acc = lambda name: by[name]["test_accuracy"] if name in by else None  # noqa: E731
     lines = []
 
-    def check(text: str, ok, gap: float | None = None) -> None:
+    def check(text: str, ok, gap: float | None = None, within: bool | None = None) -> None:
         if ok is not None:
-            noise = " (within noise)" if gap is not None and abs(gap) < se else ""
-            lines.append(f"- {'✓' if ok else '✗'} {text}{noise}")
+            within = within if within is not None else gap is not None and abs(gap) < se
+            lines.append(f"- {'✓' if ok else '✗'} {text}{' (within noise)' if within else ''}")
 
     teachers = [r for r in rows if r.get("kind") == "teacher"]
     students = [r for r in rows if r.get("kind") != "teacher"]
@@ -189,9 +220,10 @@ def orderings(rows: list[dict], se: float = 0.0) -> list[str]:
             continue
         for r in students:
             if r["student"] == family and r["loss"] != "ce":
+                ci = r.get("vs_ce_ci")  # paired over the test rows when both sides saved predictions
                 check(f"{r['run']} ({r['test_accuracy']:.4f}) beats its undistilled twin {base['run']} "
                       f"({base['test_accuracy']:.4f})", r["test_accuracy"] > base["test_accuracy"],
-                      r["test_accuracy"] - base["test_accuracy"])
+                      r["test_accuracy"] - base["test_accuracy"], None if ci is None else not ci["real"])
     if acc("smallbert-hinton") is not None:
         for name in ("smallbert-dynakd_teacher", "smallbert-ckd"):
             if acc(name) is not None:
@@ -202,6 +234,8 @@ def orderings(rows: list[dict], se: float = 0.0) -> list[str]:
 
 
 def write_plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Left: test accuracy (mean, s.d. over seeds as whiskers). Right: each method's paired difference to its ce
+    twin with the 95% bootstrap interval; solid where the interval excludes 0."""
     try:
         import matplotlib
 
@@ -210,24 +244,33 @@ def write_plot(rows: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
         return False
-    names = [r["run"] for r in rows]
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.6))
     colours = ["#7f7f7f" if r.get("kind") == "teacher" else "#1f77b4" if r["student"] == "smallbert" else "#ff7f0e"
                for r in rows]
-    ax.barh(y - 0.2, [r["test_accuracy"] for r in rows], 0.4, color=colours, label="test accuracy")
-    ax.barh(y + 0.2, [r["test_macro_f1"] for r in rows], 0.4, color=colours, alpha=0.45, label="test macro-F1")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.42 * len(rows) + 1.8), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    left.barh(y, [r["test_accuracy"] for r in rows], 0.6, color=colours,
+              xerr=[r.get("test_sd") or 0 for r in rows], error_kw={"lw": 1, "capsize": 2})
     for i, r in enumerate(rows):
-        ax.text(r["test_accuracy"] + 0.005, i - 0.2, f"{r['test_accuracy']:.3f}", va="center", fontsize=7)
+        left.text(r["test_accuracy"] + (r.get("test_sd") or 0) + 0.01, i, f"{r['test_accuracy']:.3f}", va="center",
+                  fontsize=7)
     teachers = [r for r in rows if r.get("kind") == "teacher"]
     if teachers:
-        ax.axvline(teachers[0]["test_accuracy"], color="#7f7f7f", ls="--", lw=1)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("test set (grey: teachers, orange: BiLSTM/TextCNN, blue: small BERT; light bars: macro-F1)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=7)
+        left.axvline(teachers[0]["test_accuracy"], color="#7f7f7f", ls="--", lw=1)
+    left.set_yticks(y, [r["run"] for r in rows], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.set_xlabel("test accuracy, mean ± s.d. over seeds (grey: teachers, orange: word students, blue: small BERT)",
+                    fontsize=8)
+    for i, r in enumerate(rows):
+        ci = r.get("vs_ce_ci")
+        if ci:
+            right.errorbar(ci["diff"], i, xerr=[[ci["diff"] - ci["low"]], [ci["high"] - ci["diff"]]], fmt="o",
+                           color=colours[i], mfc=colours[i] if ci["real"] else "white", capsize=3, lw=1.2)
+    right.axvline(0, color="black", lw=0.8)
+    right.set_xlabel("paired difference to the ce twin, 95% bootstrap interval\n(filled: the interval excludes 0)",
+                     fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -241,18 +284,22 @@ def write_report(cfg: CompareConfig, rows: list[dict], runs: list[RunSpec], seco
         else f"batches of {t.batch_size}"
     n_test = TeacherCache(t.cache).row_table([t.test_set], ["label"]).num_rows
     se = math.sqrt(0.25 / max(1, n_test))
+    seeds = t.seeds or [t.seed]
     sets = ", ".join(t.train_sets) if t.train_sets else "train" + (" + aug-*" if t.use_augmented else "")
     setup = [
         f"- caches: `{t.cache}` (primary teacher)" + (f", `{t.cache2}` (second, weaker teacher: Dynamic KD)"
                                                          if t.cache2 else ""),
-        f"- training sets: {sets}; "
-        f"epochs: {t.epochs} ({rows_per_epoch}); seed {t.seed}; best epoch on dev, then test",
-        f"- {n_test} test rows: one standard error of an accuracy is up to ±{se:.3f}; smaller gaps are noise",
-        f"- host: {platform.machine()}, {platform.system()}; {len([r for r in rows if r.get('kind') != 'teacher'])} "
-        f"student runs in {seconds / 60:.1f} min; s/epoch is the training time of one epoch (teachers: fine-tuning)",
+        f"- training sets: {sets}; epochs: {t.epochs} ({rows_per_epoch}); seeds {', '.join(map(str, seeds))}; "
+        "best epoch on dev, then test",
+        f"- {n_test} test rows: one standard error of an accuracy is up to ±{se:.3f}. Each method is paired with its "
+        f"ce twin (same student and seed) on every test row; the interval is a 95% bootstrap over the rows "
+        f"({cfg.resamples} resamples), and a difference is **real** when it excludes 0",
+        f"- host: {platform.machine()}, {platform.system()}, {os.cpu_count()} CPUs; {len(runs)} student runs "
+        f"(trained `together` = {t.together} per pass) in **{seconds / 60:.1f} min** of wall time; s/epoch is one "
+        "epoch's training time (teachers: fine-tuning)",
     ]
     hyper = []
-    for r in runs:
+    for r in {setting_of(r): r for r in runs}.values():
         extra = []
         if r.student_params:
             extra.append("student " + json.dumps(r.student_params, sort_keys=True))
@@ -263,7 +310,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], runs: list[RunSpec], seco
                                                for s in r.stages))
         if r.lr:
             extra.append(f"lr {r.lr:g}")
-        hyper.append(f"- `{r.name}`: " + ("; ".join(extra) if extra else "defaults"))
+        hyper.append(f"- `{setting_of(r)}`: " + ("; ".join(extra) if extra else "defaults"))
     checks = orderings(rows, se)
     text = "\n".join([
         f"# {cfg.title}", "",
@@ -276,14 +323,23 @@ def write_report(cfg: CompareConfig, rows: list[dict], runs: list[RunSpec], seco
     return text
 
 
+def quick_budget(cfg: CompareConfig) -> CompareConfig:
+    """`--quick`: the demo's budget (one seed, at most 75 batches an epoch) in folders of its own."""
+    suffix = lambda p: str(Path(p).with_name(Path(p).stem + "-quick" + Path(p).suffix)) if p else p  # noqa: E731
+    return replace(cfg, report=suffix(cfg.report), plot=suffix(cfg.plot),
+                   train=replace(cfg.train, seeds=[], max_steps_per_epoch=75, out_dir=cfg.train.out_dir + "-quick"))
+
+
 def compare(cfg: CompareConfig) -> list[dict]:
     t0 = time.time()
+    if cfg.quick:
+        cfg = quick_budget(cfg)
     plan = plan_runs(replace(cfg.train, baseline=False))  # configs/compare.yaml lists its ce runs itself
     if cfg.only:
-        unknown = sorted(set(cfg.only) - {r.name for r in plan})
+        unknown = sorted(set(cfg.only) - {setting_of(r) for r in plan})
         if unknown:
-            raise UserError(f"only: no run named {unknown}; runs: {', '.join(r.name for r in plan)}")
-        plan = [r for r in plan if r.name in cfg.only]
+            raise UserError(f"only: no run named {unknown}; runs: {', '.join(dict.fromkeys(map(setting_of, plan)))}")
+        plan = [r for r in plan if setting_of(r) in cfg.only]
     if not plan:
         raise UserError("no runs to compare: list them under train.runs")
     run1, cache1 = ensure_cache(cfg.teacher_config, cfg.build_caches, "teacher")
@@ -295,24 +351,22 @@ def compare(cfg: CompareConfig) -> list[dict]:
         print(f"no teacher2_config: skipping {', '.join(need2)} (Dynamic KD teacher adjustment needs two teachers)")
         plan = [r for r in plan if r.name not in need2]
     train = replace(cfg.train, cache=str(cache1), cache2=str(cache2) if cache2 else "", runs=plan,
-                    seeds=[], sweep={})  # `plan` holds the seeds and sweep already
-    cfg = replace(cfg, train=train)
+                    seeds=[], sweep={}, baseline=False)  # `plan` holds the seeds and sweep already
     t_students = time.time()
     results = train_all(train)
     students = time.time() - t_students
+    train = replace(train, seeds=cfg.train.seeds)  # for the report
+    cfg = replace(cfg, train=train)
     rows = [teacher_row("teacher", cache1, run1, train)]
     if cache2 is not None:
         rows.append(teacher_row("teacher2 (weak)", cache2, run2, train))
-    for r in results:
-        loss = r["loss"]
-        teacher = "T + T2" if needs_second_teacher(next(p for p in plan if p.name == r["run"]), train) else \
-            ("–" if loss == "ce" else "T")
-        rows.append({**r, "method": METHOD.get(loss, loss), "teacher": teacher, "kind": "student"})
+    rows += setting_rows(results, plan, train)
     report = Path(cfg.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report, write_report(cfg, rows, plan, students))
-    atomic_write_text(report.with_suffix(".json"), json.dumps({"rows": rows, "seconds": round(time.time() - t0, 1)},
-                                                                indent=2))
+    atomic_write_text(report.with_suffix(".json"), json.dumps({"rows": rows, "runs": results,
+                                                                "seconds": round(time.time() - t0, 1),
+                                                                "student_seconds": round(students, 1)}, indent=2))
     save_config(cfg, report.parent, report.stem + ".config.json")
     if cfg.plot:
         write_plot(rows, Path(cfg.plot), cfg.title)
@@ -322,7 +376,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    compare(parse_cli(CompareConfig, argv))
+    compare(parse_cli(CompareConfig, ["quick=true" if a == "--quick" else a for a in argv]))
     return 0
 
 

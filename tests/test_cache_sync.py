@@ -149,7 +149,8 @@ def test_damaged_remote_shard_refused(tiny_cache, tmp_path, which):
 
 
 def test_open_cache_url_and_trainer_config(tiny_cache, tmp_path, monkeypatch):
-    from trainer.train import TrainConfig, local_caches
+    from trainer.run_setup import local_caches
+    from trainer.train import TrainConfig
 
     _, cache_dir = tiny_cache
     monkeypatch.setenv("DISTIL_CACHE_HOME", str(tmp_path / "home"))

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from data.config import load_config, to_dict
 from data.io import UserError
 from pipeline.cache_reader import TeacherCache
 from recipes.compare import CompareConfig, compare
 from trainer.loader import CacheStream, StreamConfig
-from trainer.losses import get_loss, loss_names, make_params
-from trainer.run_key import plan_stages
+from trainer.losses import get_loss, loss_names
+from trainer.paired import interval_text
 from trainer.students import cached_inputs, text_encoder
-from trainer.run_setup import build, default_loss_params, with_projection
+from trainer.run_setup import default_loss_params
+from trainer.steps import set_up, stage_loss_params, train_group
 from trainer.train import RunSpec, TrainConfig, main, plan_runs, train_run
 
 # a small from-scratch BERT over the teacher's tokenizer: 96 wide (!= the teacher's 384, so the
@@ -75,21 +75,15 @@ def _objective(model, spec, params, batch) -> tuple[float, dict]:
 
 
 def train_and_measure(run: RunSpec, cfg: TrainConfig):
-    """Train with the real trainer; the final stage's objective on one fixed batch before and after."""
-    cache = TeacherCache(cfg.cache)
-    stages = plan_stages(run, cfg)
-    specs = [get_loss(s.loss) for s in stages]
-    torch.manual_seed(cfg.seed)
-    initial, _ = build(with_projection(run, cache, specs), cfg, cache, ["train"])
-    trained = copy.deepcopy(initial)
-    result = train_run(run, cfg)
-    final = Path(cfg.out_dir) / run.name / f"checkpoint-stage{len(stages) - 1}" / "model.safetensors"
-    trained.load_state_dict(load_file(str(final)))
-    last, spec = stages[-1], specs[-1]
-    params = make_params(last.loss, default_loss_params(
-        last.loss, {**(run.loss_params if len(stages) == 1 else {}), **last.params}, initial, cache))
+    """Train with the real trainer's steps; the final stage's objective on one fixed batch before and after."""
+    state = set_up(run, cfg)
+    initial = copy.deepcopy(state.student)
+    result = train_group([state])[0]
+    last = len(state.stages) - 1
+    spec, params = state.specs[last], stage_loss_params(state, last)
     batch = _fixed_batch(cfg, spec, initial)
-    return result, _objective(initial, spec, params, batch), _objective(trained, spec, params, batch), trained
+    return result, _objective(initial, spec, params, batch), _objective(state.student, spec, params, batch), \
+        state.student
 
 
 # ---------------------------------------------------------------- every loss, small BERT
@@ -228,14 +222,24 @@ def test_compare_writes_table_and_chart(student_cache, weak_cache, tmp_path):
         f"teacher_config={tmp_path / 't1.yaml'}", f"teacher2_config={tmp_path / 't2.yaml'}",
         f"report={tmp_path / 'rep' / 'compare.md'}", f"plot={tmp_path / 'rep' / 'compare.png'}",
         f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "train.max_steps_per_epoch=3",
-        "train.measure_latency=false", "build_caches=false",
+        "train.measure_latency=false", "build_caches=false", "train.seeds=[0,1]",
         "train.runs=[{student: bilstm, loss: ce}, {student: bilstm, loss: hinton}, "
         "{student: bilstm, loss: dynakd_teacher}]"])
     rows = compare(cfg)
     assert [r["run"] for r in rows] == ["teacher", "teacher2 (weak)", "bilstm-ce", "bilstm-hinton",
                                         "bilstm-dynakd_teacher"]
+    assert [r["n"] for r in rows[2:]] == [2, 2, 2] and rows[2]["vs_ce_ci"] is None
+    n_test = TeacherCache(cache_dir).row_table(["test"], ["label"]).num_rows
+    for row in rows[3:]:  # each method against its ce twin, seed by seed, over every test row
+        ci = row["vs_ce_ci"]
+        assert ci["pairs"] == 2 and ci["rows"] == n_test and ci["low"] <= ci["diff"] <= ci["high"]
+        runs = json.loads((tmp_path / "rep" / "compare.json").read_text())["runs"]
+        mine = [r for r in runs if r["setting"] == row["run"]]
+        twins = {r["run"]: r["test_accuracy"] for r in runs}
+        assert ci["diff"] == pytest.approx(sum(r["test_accuracy"] - twins[r["ce_twin"]] for r in mine) / 2)
     md = (tmp_path / "rep" / "compare.md").read_text()
-    assert "| bilstm-dynakd_teacher | bilstm | Dynamic KD: teacher adjustment | T + T2 |" in md
+    assert "| bilstm-dynakd_teacher | bilstm | Dynamic KD: teacher adjustment | T + T2 | 2 |" in md
+    assert interval_text(rows[3]["vs_ce_ci"]) in md and "seeds 0, 1" in md
     assert "## Orderings" in md and "![test accuracy per run](compare.png)" in md
     assert (tmp_path / "rep" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "rep" / "compare.json").read_text())["rows"][0]["test_accuracy"] == \

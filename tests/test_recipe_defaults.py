@@ -7,7 +7,8 @@ import torch
 from trainer.evaluate import result_table
 from trainer.losses import get_loss
 from trainer.students import BiLSTMConfig
-from trainer.train import RunSpec, TrainConfig, _optimizer, plan_runs, stream_config, train_sets
+from trainer.run_setup import optimizer, stream_config, train_sets
+from trainer.train import RunSpec, TrainConfig, plan_runs
 
 
 class _Sets:
@@ -56,7 +57,7 @@ def test_training_stream_is_a_full_shuffle_without_buckets_unless_fields_are_tok
 
 def test_schedules_warm_up_then_decay_or_stay_flat():
     def lrs(schedule):
-        opt, sched = _optimizer(torch.nn.Linear(2, 2), 1e-3, TrainConfig(schedule=schedule, warmup_ratio=0.1), 100)
+        opt, sched = optimizer(torch.nn.Linear(2, 2), 1e-3, TrainConfig(schedule=schedule, warmup_ratio=0.1), 100)
         out = []
         for _ in range(100):
             out.append(opt.param_groups[0]["lr"])

@@ -4,33 +4,48 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from data.io import atomic_write_text
 from data.metrics import classification_metrics
-from trainer.loader import CacheStream, StreamConfig
+from trainer.loader import CacheStream, StreamConfig, WordIds
+
+
+PREDICTIONS = "test_predictions.parquet"  # in a run folder: every test row's prediction
 
 
 @torch.no_grad()
-def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, batch_size: int = 256) -> dict:
-    """Metrics on labelled rows of `sets`, plus agreement with the teacher's argmax."""
+def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, batch_size: int = 256,
+             predictions: Path | None = None) -> dict:
+    """Metrics on labelled rows of `sets`, plus agreement with the teacher's argmax; `predictions`: also write
+    every row's prediction there (Parquet: row_id, label (-1: none), prediction, teacher), which paired
+    comparisons of two students on the same rows need (recipes/compare.py)."""
     model.eval()
     stream = CacheStream(cache_dir, sets, fields, StreamConfig(batch_size=batch_size, shuffle=False), encode=encode)
-    preds, labels, teacher = [], [], []
+    preds, labels, teacher, row_ids = [], [], [], []
     for batch in stream:
         out = model(to_device(batch, device))
         preds.append(out.logits.argmax(-1).cpu().numpy())
         labels.append(batch["labels"].numpy())
         teacher.append(batch["teacher_logits"].argmax(-1).numpy())
+        row_ids += batch["row_id"]
     preds, labels, teacher = (np.concatenate(x) for x in (preds, labels, teacher))
     keep = labels >= 0
     metrics = classification_metrics(preds[keep], labels[keep], num_labels)
     metrics["teacher_agreement"] = float(np.mean(preds == teacher))
     metrics["teacher_accuracy"] = float(np.mean(teacher[keep] == labels[keep])) if keep.any() else float("nan")
+    if predictions is not None:
+        table = pa.table({"row_id": row_ids, "label": labels, "prediction": preds, "teacher": teacher})
+        tmp = predictions.with_name(predictions.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, predictions)
     return metrics
 
 
@@ -98,14 +113,17 @@ def write_csv(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: list[dict], device) -> dict:
-    """Reload the best student as a user would and measure it on the test rows."""
+def finish_run(run, cfg, cache, out: Path, best: dict, seconds: float, history: list[dict], device,
+               words: WordIds | None = None) -> dict:
+    """Reload the best student as a user would and measure it on the test rows (with the run's own `words`
+    table when it has one: the reloaded vocabulary is the one it was built from)."""
     from trainer.students import cached_inputs, load_student, text_encoder
 
     model = load_student(out / "best", device=str(device))
-    encode = text_encoder(model, cache, [cfg.test_set])
-    test = evaluate(model, cfg.cache, [cfg.test_set], cached_inputs(model), encode, cache.num_labels, device)
-    result = {"run": run.name, "student": run.student, "loss": run.loss,
+    encode = words if isinstance(words, WordIds) else text_encoder(model, cache, [cfg.test_set])
+    test = evaluate(model, cfg.cache, [cfg.test_set], cached_inputs(model), encode, cache.num_labels, device,
+                    predictions=out / PREDICTIONS)
+    result = {"run": run.name, "student": run.student, "loss": run.loss, "folder": str(out),
               "dev_accuracy": best["dev_accuracy"], "dev_macro_f1": best["dev_macro_f1"],
               "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
               "teacher_test_accuracy": test["teacher_accuracy"], "test_teacher_agreement": test["teacher_agreement"],

@@ -206,17 +206,23 @@ def rows_from_texts(path: Path) -> Rows:
                 f"texts {path}")
 
 
+def run_settings(run_dir: Path) -> dict:
+    """The TrainConfig trainer.train saved beside the run (config.json in its out_dir); {} when there is none."""
+    config = run_dir.parent / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
 def rows_from_cache(run_dir: Path, cache: str | None) -> Rows:
     """The test rows of the run's cache: `--cache`, else the one in the config.json trainer.train wrote into
     the run's out_dir (a note when that cache is not the one the run trained on)."""
     from pipeline.cache_sync import open_cache
     from trainer.run_key import KEY_FILE, cache_fingerprint
 
-    config = run_dir.parent / "config.json"
-    settings = json.loads(config.read_text()) if config.is_file() else {}
+    settings = run_settings(run_dir)
     cache = cache or settings.get("cache")
     if not cache:
-        raise UserError(f"{run_dir}: no {config} names its cache; pass --cache DIR or --texts FILE")
+        raise UserError(f"{run_dir}: no {run_dir.parent / 'config.json'} names its cache; pass --cache DIR or "
+                        "--texts FILE")
     test_set = settings.get("test_set", "test")
     c = open_cache(cache)
     key = run_dir / KEY_FILE

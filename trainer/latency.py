@@ -26,7 +26,7 @@ import torch
 from data.io import CliParser, UserError, atomic_write_text, quiet_transformers, run_cli
 from trainer.evaluate import markdown_table
 from trainer.export import (EXAMPLE, Exportable, Rows, encode, input_names, quantized, resolve_run, rows_from_cache,
-                            rows_from_texts, runner, write_models)
+                            rows_from_texts, run_settings, runner, write_models)
 from trainer.students import load_student
 
 BATCHES = (1, 64)
@@ -48,6 +48,11 @@ def seconds_per_sentence(fn, batches: list[tuple]) -> float:
                 fn(b)
             passes.append(time.perf_counter() - t0)
     return statistics.median(passes) / sum(len(b[0]) for b in batches)
+
+
+def rows_at(batch: int, rows: int) -> int:
+    """Texts timed at a batch size: `rows`, at most 64 one by one (batch 1 is slow and steady)."""
+    return rows if batch > 1 else min(rows, 64)
 
 
 def batched(rows: Rows, size: int, limit: int, encode_batch) -> list[tuple]:
@@ -92,13 +97,12 @@ def teacher_form(folder: Path, max_length: int):
     return tokenise, lambda t: lambda xs: model(**dict(zip(keys, xs))).logits
 
 
-def find_teacher(run_dir: Path, given: str | None) -> tuple[Path | None, int | None]:
-    """The teacher folder (--teacher, else the cache manifest's teacher.path if present) and the cache's
-    max_length (the teacher's truncation)."""
+def find_teacher(run_dir: Path, given: str | None, cache: str | None) -> tuple[Path | None, int]:
+    """The teacher folder (--teacher, else the manifest's teacher.path of --cache or the run's cache, if that
+    folder is here) and the cache's max_length, the teacher's truncation (512 without a manifest)."""
     from pipeline.cache_schema import Manifest
 
-    config = run_dir.parent / "config.json"
-    cache = json.loads(config.read_text()).get("cache") if config.is_file() else None
+    cache = cache or run_settings(run_dir).get("cache")
     manifest = Manifest.load(Path(cache)) if cache and (Path(cache) / "manifest.json").is_file() else None
     folder = Path(given) if given else Path(manifest.teacher.path) if manifest else None
     if given and not folder.is_dir():
@@ -114,7 +118,7 @@ def measure(run_path: str, teacher: str | None = None, rows: int = 256, cache: s
     pair = getattr(student.config, "pair", data.texts_b is not None)
     data.texts_b = data.texts_b if pair else None
     names = input_names(student, pair)
-    teacher_dir, max_length = find_teacher(run_dir, teacher)
+    teacher_dir, max_length = find_teacher(run_dir, teacher, cache)
     threads = sorted({1, os.cpu_count() or 1})
     saved_threads = torch.get_num_threads()
     results, tokenise_ms = [], {}
@@ -126,7 +130,7 @@ def measure(run_path: str, teacher: str | None = None, rows: int = 256, cache: s
         try:
             for who, tokenise, forms in models:
                 t0 = time.perf_counter()
-                inputs = {b: batched(data, b, rows if b > 1 else min(rows, 64), tokenise) for b in BATCHES}
+                inputs = {b: batched(data, b, rows_at(b, rows), tokenise) for b in BATCHES}
                 n = sum(len(x[0]) for b in BATCHES for x in inputs[b])
                 tokenise_ms[who] = 1000 * (time.perf_counter() - t0) / n
                 for t in threads:
@@ -144,7 +148,7 @@ def measure(run_path: str, teacher: str | None = None, rows: int = 256, cache: s
         if (r["batch"], r["threads"]) in base:
             r["speedup"] = base[(r["batch"], r["threads"])] / r["ms_per_sentence"]
     info = {"run": str(run_dir), "student": student.kind, "teacher": str(teacher_dir) if teacher_dir else None,
-            "texts": data.source, "rows": {b: max(b, rows if b > 1 else min(rows, 64)) for b in BATCHES},
+            "texts": data.source, "rows": {b: max(b, rows_at(b, rows)) for b in BATCHES},
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "tokenise_ms_per_sentence": tokenise_ms,
             "results": results}
     atomic_write_text(run_dir / "latency.json", json.dumps(info, indent=1))

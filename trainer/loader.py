@@ -17,6 +17,8 @@ objects. The built-in word students' ids are tokenised once per run (`WordIds`),
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,12 +156,18 @@ class WordIds:
     whose `encode_texts` is vocab.encode over `tokenize`; the batches they give are the very same tensors."""
 
     def __init__(self, cache: TeacherCache, sets: list[str], vocab, max_len: int | None, pair: bool):
-        self.pair = pair
+        self.pair, self.key = pair, self.key_of(sets, vocab, max_len, pair)
         self.shards: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         for info in cache.shards(sets):
             table = cache.reader(info).table
             self.shards[info.name] = {suffix: _word_ids(table.column(col).to_pylist(), vocab, max_len)
                                       for suffix, col in (("", "text"), ("_b", "text_b")) if pair or not suffix}
+
+    @staticmethod
+    def key_of(sets: list[str], vocab, max_len: int | None, pair: bool) -> str:
+        """Equal for tables that hold the same ids: same sets, words in the same order, truncation and pairing."""
+        words = hashlib.sha256("\n".join(vocab.itos).encode()).hexdigest()
+        return json.dumps([list(sets), words, max_len, pair])
 
     def block(self, shard: str, start: int, stop: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(flat ids, each row's first position, words per row) of rows [start, stop) of a shard."""

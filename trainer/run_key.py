@@ -30,8 +30,8 @@ ON_CHANGE = ("new", "refuse", "overwrite")
 # cache paths are replaced by the run's own spec and the caches' fingerprints; `epochs` by the stages.
 UNKEYED = frozenset({"cache", "cache2", "students", "losses", "runs", "epochs", "out_dir", "resume", "on_change",
                      "log_every", "checkpoint_every", "verify", "device", "test_set", "measure_latency", "baseline",
-                     "seeds", "sweep", "tensorboard"})  # a run's own seed and sweep values reach it via run_config
-AT_LEAST_ONE = ("batch_size", "epochs", "patience", "log_every")
+                     "seeds", "sweep", "tensorboard", "together"})  # a run's own seed and sweep values reach it via run_config
+AT_LEAST_ONE = ("batch_size", "epochs", "patience", "log_every", "together")
 NOT_NEGATIVE = ("label_budget", "workers", "checkpoint_every", "max_steps_per_epoch", "weight_decay", "min_freq",
                 "oov_min_freq", "oov_std")
 

@@ -2,19 +2,62 @@
 every refusal before the first step (missing fields, damaged shards, a wrong student, no labels)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from data.io import UserError
 from pipeline.cache_reader import TeacherCache
+from pipeline.cache_sync import local_cache_path
+from trainer.loader import StreamConfig
 
 if TYPE_CHECKING:  # trainer.train imports this module
     from trainer.train import RunSpec, TrainConfig
 
-def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
+def local_caches(cfg: TrainConfig) -> TrainConfig:
+    """`cache`/`cache2` given as URLs (s3://bucket/x, ...) become verified local mirrors; paths stay."""
+    return replace(cfg, cache=str(local_cache_path(cfg.cache)),
+                   cache2=str(local_cache_path(cfg.cache2)) if cfg.cache2 else "")
+
+
+def train_sets(cfg: TrainConfig, cache: TeacherCache, specs=()) -> list[str]:
+    """`train_sets`, else train + every augmented set; a run whose losses read no teacher field (`ce`) trains
+    on the gold rows only: unlabelled augmented rows teach it nothing and would fill most of its batches."""
+    if cfg.train_sets:
+        return cfg.train_sets
+    reads_teacher = not specs or any(spec.fields for spec in specs)
+    augmented = cfg.use_augmented and reads_teacher
+    return ["train"] + ([s for s in cache.sets() if s.startswith("aug-")] if augmented else [])
+
+
+def stream_config(cfg: TrainConfig, fields, seed: int) -> StreamConfig:
+    """The training stream: a full shuffle unless the stage reads token-level fields (their rows are too big
+    to hold a whole epoch in memory), no length bucketing unless asked for (docs/methods.md)."""
+    block_rows = StreamConfig.block_rows
+    rows = cfg.shuffle_rows or (16_384 if set(fields) & {"hidden", "attention", "values"} else 0)
+    return StreamConfig(batch_size=cfg.batch_size, seed=seed, bucket_by_length=cfg.bucket_by_length,
+                        window_blocks=math.ceil(rows / block_rows), block_rows=block_rows)
+
+
+def optimizer(model, lr: float, cfg: TrainConfig, total_steps: int):
+    """AdamW and the warm-up schedule (`schedule`: linear decay to 0, or constant)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    if cfg.schedule not in ("linear", "constant"):
+        raise UserError(f"schedule: {cfg.schedule!r} is neither 'linear' nor 'constant'")
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if cfg.schedule == "constant":
+        return opt, get_constant_schedule_with_warmup(opt, warmup)
+    return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
+
+
+def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str], encoders: dict | None = None):
     """The student (its class's `for_run`) and the text encoder its batches need (None: it reads the cached
-    input_ids)."""
+    input_ids); `encoders` shares one word-id table among runs of the same vocabulary."""
     from trainer.students import RunInputs, student_class, text_encoder
 
     cls = student_class(run.student)
@@ -22,7 +65,7 @@ def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str]):
         model = cls.for_run({"num_labels": cache.num_labels, **run.student_params}, RunInputs(cache, sets, cfg))
     except UserError as e:
         raise UserError(f"run {run.name}: {e}") from None
-    return model, text_encoder(model, cache, [*sets, cfg.dev_set, cfg.test_set])
+    return model, text_encoder(model, cache, [*sets, cfg.dev_set, cfg.test_set], encoders)
 
 def with_projection(run: RunSpec, cache: TeacherCache, specs) -> RunSpec:
     """Losses comparing student vectors with the teacher's [CLS] (PKD, dynakd_supervision) or hidden states

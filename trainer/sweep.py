@@ -18,7 +18,8 @@ from statistics import fmean, stdev
 
 from data.config import ConfigError, from_dict
 from data.io import UserError, atomic_write_text
-from trainer.evaluate import markdown_table
+from trainer.evaluate import PREDICTIONS, markdown_table
+from trainer.paired import interval_text, paired_difference
 
 # TrainConfig fields that shape the whole plan or where it is written: never one run's own
 PLAN = frozenset({"cache", "cache2", "students", "losses", "runs", "seeds", "sweep", "baseline", "out_dir"})
@@ -179,17 +180,29 @@ def _stats(values: list) -> dict | None:
 
 def summarise(results: list[dict]) -> dict:
     """Repeats of a setting (runs differing only in seed) as mean ± s.d., settings ranked on mean dev accuracy,
-    and the dev-chosen setting: its test accuracy is the honest estimate (the best test mean is flattered)."""
+    and the dev-chosen setting: its test accuracy is the honest estimate (the best test mean is flattered).
+    A distilled setting also gets its paired difference to its `ce` twins on the same test rows, with a 95%
+    bootstrap interval (trainer/paired.py)."""
     groups: dict[str, list] = {}
     for r in results:
         groups.setdefault(r["setting"], []).append(r)
     rows = [{"setting": s, "n": len(rs), "runs": [r["run"] for r in rs],
-             **{k: _stats([r.get(k) for r in rs]) for k in ("dev_accuracy", "test_accuracy", "vs_ce")}}
+             **{k: _stats([r.get(k) for r in rs]) for k in ("dev_accuracy", "test_accuracy", "vs_ce")},
+             "vs_ce_ci": _paired(rs, results)}
             for s, rs in groups.items()]
     rows.sort(key=lambda row: -row["dev_accuracy"]["mean"])
     for i, row in enumerate(rows, 1):
         row["rank"] = i
     return {"settings": rows, "chosen": rows[0] if rows else None}
+
+
+def _paired(repeats: list[dict], results: list[dict]) -> dict | None:
+    """Each repeat against its own ce twin (same seed), paired over the test rows; None without twins."""
+    by_run = {r["run"]: r for r in results}
+    twins = [(r, by_run.get(r.get("ce_twin"))) for r in repeats]
+    if not twins or any(t is None or "folder" not in r or "folder" not in t for r, t in twins):
+        return None
+    return paired_difference([(Path(r["folder"]) / PREDICTIONS, Path(t["folder"]) / PREDICTIONS) for r, t in twins])
 
 
 def _cell(stats: dict | None, sign: str = "") -> str:
@@ -199,12 +212,12 @@ def _cell(stats: dict | None, sign: str = "") -> str:
 
 
 SUMMARY_COLUMNS = [("rank", "rank", "d"), ("setting", "setting", ""), ("n", "n", "d"), ("dev acc", "dev", ""),
-                   ("test acc", "test", ""), ("vs ce", "vs_ce", "")]
+                   ("test acc", "test", ""), ("vs ce", "vs_ce", ""), ("vs ce, paired [95% CI]", "paired", "")]
 
 
 def summary_markdown(summary: dict) -> str:
-    rows = [{**r, "dev": _cell(r["dev_accuracy"]), "test": _cell(r["test_accuracy"]), "vs_ce": _cell(r["vs_ce"], "+")}
-            for r in summary["settings"]]
+    rows = [{**r, "dev": _cell(r["dev_accuracy"]), "test": _cell(r["test_accuracy"]), "vs_ce": _cell(r["vs_ce"], "+"),
+             "paired": interval_text(r.get("vs_ce_ci"))} for r in summary["settings"]]
     lines = [markdown_table(rows, SUMMARY_COLUMNS)]
     best = summary["chosen"]
     if best:

@@ -93,16 +93,22 @@ def cached_inputs(student) -> tuple[str, ...]:
     return ("logits", "input_ids") if student.reads_teacher_ids else ("logits",)
 
 
-def text_encoder(model: nn.Module, cache: "TeacherCache | None" = None, sets=()):
+def text_encoder(model: nn.Module, cache: "TeacherCache | None" = None, sets=(), shared: dict | None = None):
     """What turns a batch's text into the model's inputs: None (it reads the cached input_ids), the built-in word
-    students' word ids of `sets` tokenised once (trainer.loader.WordIds), or the model's own encode_texts."""
+    students' word ids of `sets` tokenised once (trainer.loader.WordIds; one per vocabulary in `shared`), or the
+    model's own encode_texts."""
     from trainer.loader import WordIds
     from trainer.students._word import WordStudent
 
     if model.reads_teacher_ids:
         return None
     if cache is not None and isinstance(model, WordStudent) and type(model).encode_texts is WordStudent.encode_texts:
-        return WordIds(cache, list(dict.fromkeys(sets)), model.vocab, model.config.max_len, model.config.pair)
+        sets = list(dict.fromkeys(sets))
+        key = WordIds.key_of(sets, model.vocab, model.config.max_len, model.config.pair)
+        if shared is not None and key in shared:
+            return shared[key]
+        ids = WordIds(cache, sets, model.vocab, model.config.max_len, model.config.pair)
+        return ids if shared is None else shared.setdefault(key, ids)
     return model.encode_texts
 
 

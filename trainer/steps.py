@@ -1,0 +1,409 @@
+"""The steps of training students from a cache, in the torchtune manner: `set_up` (everything before the first
+step), `start_stage`, `train_step` (one optimizer step on one batch), `end_epoch` (dev, best student,
+checkpoint, early stop) and `finish` (the best student reloaded and tested). `train_group` drives them for one
+run, or for K runs that read the very same batches: one pass over the cache then trains all K.
+
+Runs share a pass when every batch they would see is identical (`share_key`): same training sets, stream
+settings (seed, batch size, shuffle window), stage epochs, text encoding and resume point. Each keeps its own
+model, optimizer, schedule, checkpoint, logs and random state (`RngSlot` swaps the global RNGs in around each of
+its steps), so it ends with the weights it gets when trained alone with the same seed (tests/test_together.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.config import save_config
+from data.faults import crash_point
+from data.io import UserError, pick_device
+from pipeline.cache_reader import TeacherCache
+from pipeline.cache_sync import open_cache
+from trainer.checkpoint import load_checkpoint, save_best, save_checkpoint
+from trainer.curves import log_epoch, log_step, open_curves
+from trainer.distributed import barrier, broadcast_flag, join, wrap
+from trainer.distributed import setup as dist_setup
+from trainer.evaluate import evaluate, finish_run, to_device, write_csv
+from trainer.loader import CacheStream, StreamConfig, WordIds
+from trainer.run_key import claim_run_dir, plan_stages
+from trainer.run_setup import (build, default_loss_params, local_caches, loss_error, optimizer, preflight, stream_config,
+                                train_sets, with_projection)
+from trainer.students import cached_inputs, student_class
+from trainer.sweep import run_config
+
+
+class RngSlot:
+    """One run's Python, NumPy and torch random states (CUDA too on a CUDA device). `with slot:` puts them in
+    place of the global ones and keeps what the block drew, so runs trained side by side draw what each would
+    draw alone (dropout masks, and the RNG states their checkpoints save)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.state = self._get()
+
+    def _get(self):
+        return (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if self.device is not None else None)
+
+    def __enter__(self):
+        py, npy, cpu, cuda = self.state
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    def __exit__(self, *exc) -> None:
+        self.state = self._get()
+
+
+@dataclass
+class RunState:
+    """One run from set-up to its result: what lives across its stages."""
+
+    run: object  # RunSpec (with the learned projection its losses need)
+    cfg: object  # the run's own TrainConfig (seed, sweep values, local cache paths)
+    cache: TeacherCache
+    stages: list
+    specs: list  # each stage's loss
+    sets: list[str]  # training sets
+    stream_configs: list[StreamConfig]  # each stage's
+    out: Path
+    key: str
+    student: torch.nn.Module
+    model: torch.nn.Module  # the student, DDP-wrapped under torchrun
+    encode: object  # None | WordIds | the student's encode_texts
+    device: torch.device
+    rank: int
+    world: int
+    gold: set | None  # train row ids whose label is kept (label_budget)
+    rng: RngSlot
+    eval_fields: tuple
+    log: object = None  # rank 0's metrics.jsonl
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    stale: int = 0  # final-stage epochs without a better dev accuracy
+    global_step: int = 0
+    seconds: float = 0.0  # this run's own training and evaluation time (a shared stream's reading split evenly)
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StageJob:
+    """One stage of one run: its loss, optimizer and schedule, and where a checkpoint of it left off."""
+
+    index: int
+    stage: object
+    spec: object
+    params: object
+    opt: torch.optim.Optimizer
+    sched: object
+    steps: int  # batches per epoch on this rank
+    ckpt: Path
+    start_epoch: int = 0
+    resume: dict | None = None  # the stream position a mid-epoch checkpoint saved
+    curves: object = None  # rank 0's TensorBoard writer (trainer/curves.py)
+
+
+def set_up(run, cfg, encoders: dict | None = None) -> RunState:
+    """Everything before the first step: the run's own settings and seed, every refusal, its folder, the student
+    and its text encoder (one per vocabulary in `encoders`, shared by the runs set up with it)."""
+    from trainer.losses import get_loss
+
+    cfg = run_config(cfg, run)  # the run's own seed, label budget, ... (seeds and sweeps)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    rank, world, device = dist_setup(pick_device(cfg.device))
+    cfg = local_caches(cfg)  # a no-op for local paths (train_all has pulled URLs already)
+    cache = open_cache(cfg.cache)
+    stages = plan_stages(run, cfg)
+    specs = [get_loss(st.loss) for st in stages]
+    sets = train_sets(cfg, cache, specs)
+    kind = student_class(run.student)
+    preflight(run, cfg, cache, sets, specs, kind)
+    out, key = claim_run_dir(run, cfg, cache, stages, write=rank == 0)  # keyed by the run as given
+    barrier(world)  # rank 0 has made (or overwritten) the folder
+    run = with_projection(run, cache, specs)
+    student, encode = build(run, cfg, cache, sets, encoders)
+    student.to(device)
+    eval_fields = tuple(cached_inputs(kind))
+    streams = [stream_config(cfg, set(spec.fields) | set(eval_fields), cfg.seed + si) for si, spec in enumerate(specs)]
+    state = RunState(run, cfg, cache, stages, specs, sets, streams, out, key, student, wrap(student, world, device),
+                     encode, device, rank, world, _gold_ids(cache, cfg.label_budget) if cfg.label_budget else None,
+                     RngSlot(device), eval_fields)
+    if state.lead:
+        state.log = open(out / "metrics.jsonl", "a")
+        save_config(run, out, "run.json")
+    return state
+
+
+def stage_loss_params(state: RunState, si: int):
+    """A stage's loss parameters: run.loss_params fill a one-stage run, staged runs take each stage's own."""
+    from trainer.losses import make_params
+
+    stage = state.stages[si]
+    return make_params(stage.loss, default_loss_params(
+        stage.loss, {**(state.run.loss_params if len(state.stages) == 1 else {}), **stage.params},
+        state.student, state.cache))
+
+
+def start_stage(state: RunState, si: int, stream: CacheStream) -> StageJob:
+    """A stage's loss, optimizer and schedule, restored from its checkpoint when one of this run is there."""
+    cfg, stage = state.cfg, state.stages[si]
+    params = stage_loss_params(state, si)
+    steps = math.ceil(stream.num_rows / cfg.batch_size / state.world)
+    steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+    opt, sched = optimizer(state.model, stage.lr, cfg, steps * stage.epochs)
+    job = StageJob(si, stage, state.specs[si], params, opt, sched, steps, state.out / f"checkpoint-stage{si}")
+    saved = load_checkpoint(job.ckpt, state.student, opt, sched, state.key) if cfg.resume else None
+    state.stale = 0
+    if saved:
+        job.start_epoch, job.resume = saved["epoch"], saved["stream"]
+        state.best, state.history, state.global_step = saved["best"], saved["history"], saved["global_step"]
+        state.stale = saved.get("stale", 0)
+        print(f"{state.run.name}: resuming stage {si + 1} at epoch {job.start_epoch + 1}, "
+              f"{sum(job.resume.values())} batches into it")
+    job.curves = open_curves(state.out, cfg, saved, stage.epochs) if state.lead else None
+    return job
+
+
+def save_stage(state: RunState, job: StageJob, epoch: int, consumed: dict) -> None:
+    """The stage's checkpoint: weights, optimizer, schedule, RNGs, and the stream position `consumed`."""
+    save_checkpoint(job.ckpt, state.student, job.opt, job.sched,
+                    {"epoch": epoch, "stream": consumed, "best": state.best, "history": state.history,
+                     "global_step": state.global_step, "stale": state.stale}, state.key)
+
+
+def train_step(state: RunState, job: StageJob, batch: dict, epoch: int, consumed: dict) -> float:
+    """One optimizer step on one batch (already on the device); returns the loss."""
+    cfg = state.cfg
+    if state.gold is not None:
+        batch = {**batch, "labels": _mask_labels(batch, state.gold)}
+    try:
+        loss, parts = job.spec.fn(state.model(batch, frozenset(job.spec.student_needs)), batch, job.params,
+                                  {"epoch": epoch, "step": state.global_step})
+    except ValueError as e:  # the loss refuses this student / cache layout: one line, not a traceback
+        raise UserError(loss_error(state.run, e)) from e
+    job.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    job.opt.step()
+    job.sched.step()
+    state.global_step += 1
+    if state.world == 1 and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+        save_stage(state, job, epoch, consumed)
+    crash_point("student-step")
+    if state.global_step % cfg.log_every == 0 and state.log:
+        state.log.write(json.dumps({"run": state.run.name, "stage": job.index + 1, "epoch": epoch + 1,
+                                    "step": state.global_step, "loss": loss.item(),
+                                    **{k: float(v) for k, v in parts.items()}}) + "\n")
+        log_step(job.curves, state.global_step, parts, job.opt.param_groups[0]["lr"])
+    return loss.item()
+
+
+def end_epoch(state: RunState, job: StageJob, epoch: int, loss: float, seconds: float) -> bool:
+    """Rank 0 measures dev, keeps the best student of the final stage and checkpoints the epoch's end; returns
+    whether the run stops early (`patience` final-stage epochs without a better dev accuracy)."""
+    cfg, final, stop = state.cfg, job.index == len(state.stages) - 1, False
+    if state.lead:
+        dev = evaluate(state.student, cfg.cache, [cfg.dev_set], state.eval_fields, state.encode,
+                       state.cache.num_labels, state.device)
+        record = {"stage": job.index + 1, "epoch": epoch + 1, "train_loss": loss, "epoch_seconds": round(seconds, 2),
+                  **{f"dev_{k}": v for k, v in dev.items()}}
+        state.history.append(record)
+        state.log.write(json.dumps({"run": state.run.name, **record}) + "\n")
+        state.log.flush()
+        log_epoch(job.curves, state.global_step, record)
+        print(f"{state.run.name} stage {job.index + 1} epoch {epoch + 1}: loss {loss:.4f} dev acc "
+              f"{dev['accuracy']:.4f} F1 {dev['macro_f1']:.4f} ({seconds:.1f} s)")
+        if final and (state.best is None or dev["accuracy"] > state.best["dev_accuracy"]):
+            state.best, state.stale = {"stage": job.index + 1, "epoch": epoch + 1, "dev_accuracy": dev["accuracy"],
+                                       "dev_macro_f1": dev["macro_f1"]}, 0
+            save_best(state.student, state.out / "best", state.cache.label_names)
+        elif final:
+            state.stale += 1
+        save_stage(state, job, epoch + 1, {})
+        stop = final and state.stale >= cfg.patience
+        if stop:
+            print(f"{state.run.name}: early stop, no better dev accuracy for {state.stale} epochs")
+    stop = broadcast_flag(stop, state.world)
+    if not stop:
+        barrier(state.world)
+    return stop
+
+
+def finish(state: RunState) -> dict | None:
+    """The best student reloaded as a user would and measured on the test rows (rank 0; others return None)."""
+    if not state.lead:
+        return None
+    state.log.close()
+    write_csv(state.out / "metrics.csv", state.history)
+    return finish_run(state.run, state.cfg, state.cache, state.out, state.best, state.seconds, state.history,
+                      state.device, state.encode)
+
+
+# ---------------------------------------------------------------- driving runs, alone or K per pass
+def open_stream(group: list[RunState], si: int) -> CacheStream:
+    """The stage's training stream, read once for the whole group: the union of the fields its runs read."""
+    s = group[0]
+    fields = sorted(set().union(*(set(r.specs[si].fields) | set(r.eval_fields) for r in group)))
+    second = any(r.specs[si].needs_second_teacher for r in group)
+    return CacheStream(s.cfg.cache, s.sets, fields, s.stream_configs[si], encode=s.encode, rank=s.rank,
+                       world=s.world, second_cache=s.cfg.cache2 if second else None)
+
+
+def share_key(state: RunState) -> tuple:
+    """Equal for runs whose every batch is the same: sets, stream settings, stage epochs, encoding, resume point."""
+    cfg = state.cfg
+    encode = None if state.encode is None else state.encode.key if isinstance(state.encode, WordIds) \
+        else id(state.encode)
+    return (cfg.cache, tuple(state.sets), repr(state.stream_configs), tuple(st.epochs for st in state.stages),
+            encode, cfg.workers, cfg.max_steps_per_epoch, cfg.checkpoint_every, state.world, _resume_point(state))
+
+
+def _resume_point(state: RunState) -> tuple:
+    """Where each stage's checkpoint (if any, and if resuming) left off, read without loading it."""
+    points = []
+    for si in range(len(state.stages)):
+        path = state.out / f"checkpoint-stage{si}" / "state.json"
+        saved = json.loads(path.read_text()) if state.cfg.resume and path.is_file() else {}
+        points.append(json.dumps([saved.get("epoch"), saved.get("stream"), saved.get("global_step")]))
+    return tuple(points)
+
+
+def train_group(group: list[RunState]) -> list[dict | None]:
+    """Train runs with one share_key stage by stage: each epoch is one pass of one stream, every batch goes
+    through every run still training (a run that stops early leaves the group)."""
+    if len(group) > 1:
+        print(f"{len(group)} runs in one pass over the cache: {', '.join(s.run.name for s in group)}")
+    for si in range(len(group[0].stages)):
+        stream = open_stream(group, si)
+        jobs = []
+        for state in group:
+            with state.rng:
+                jobs.append(start_stage(state, si, stream))
+        first, active = jobs[0], list(zip(group, jobs))
+        for epoch in range(first.start_epoch, first.stage.epochs):
+            stream.set_epoch(epoch)
+            if epoch == first.start_epoch and first.resume:
+                stream.state.batches_done = {int(k): v for k, v in first.resume.items()}
+            ends = run_epoch(active, stream, epoch)
+            still = []
+            for (state, job), (loss, seconds) in zip(active, ends):
+                t0 = time.perf_counter()
+                with state.rng:
+                    stop = end_epoch(state, job, epoch, loss, seconds)
+                state.seconds += time.perf_counter() - t0
+                still += [] if stop else [(state, job)]
+            active = still
+            if not active:
+                break
+        for job in jobs:
+            if job.curves:
+                job.curves.close()
+    results = []
+    for state in group:
+        with state.rng:
+            results.append(finish(state))
+    return results
+
+
+def run_epoch(active: list[tuple[RunState, StageJob]], stream: CacheStream, epoch: int) -> list[tuple[float, float]]:
+    """One pass over this rank's share of the stream, each batch read once and stepped by every run;
+    returns each run's (mean loss, seconds: its own steps plus an even share of the reading)."""
+    lead, job = active[0]
+    cfg = lead.cfg
+    for state, _ in active:
+        state.model.train()
+    # its own generator: creating the iterator must not draw from the global RNG (dropout's)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    name = lead.run.name + (f" (+{len(active) - 1} runs)" if len(active) > 1 else "")
+    bar = tqdm(loader, total=job.steps, desc=f"{name} s{job.index + 1} e{epoch + 1}", unit="batch", leave=False)
+    consumed = dict(stream.state.batches_done)
+    sums, seconds, n = [0.0] * len(active), [0.0] * len(active), 0
+    with ExitStack() as joined:
+        for state, _ in active:
+            joined.enter_context(join(state.model))
+        read = time.perf_counter()
+        for batch in bar:
+            if cfg.max_steps_per_epoch and sum(consumed.values()) >= cfg.max_steps_per_epoch:
+                break
+            pos = batch.pop("stream")
+            consumed[pos["consumer"]] = pos["batches_done"]
+            batch = to_device(batch, lead.device)
+            share = (time.perf_counter() - read) / len(active)
+            for i, (state, job) in enumerate(active):
+                t0 = time.perf_counter()
+                with state.rng:
+                    sums[i] += train_step(state, job, batch, epoch, consumed)
+                seconds[i] += time.perf_counter() - t0 + share
+            n += 1
+            if n % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{sums[0] / n:.4f}")
+            read = time.perf_counter()
+    for state, s in zip((s for s, _ in active), seconds):
+        state.seconds += s
+    return [(total / max(1, n), s) for total, s in zip(sums, seconds)]
+
+
+def train_runs(runs: list, cfg) -> list[dict | None]:
+    """Every run, in plan order. With `together` > 1 (one process, no torchrun), runs that would read the same
+    batches are set up `together` at a time and trained in one pass per epoch."""
+    k = cfg.together if int(os.environ.get("WORLD_SIZE", "1")) == 1 else 1
+    results = {}
+    for chunk in _chunks(runs, cfg, k):
+        encoders: dict = {}
+        states = [set_up(run, cfg, encoders) for run in chunk]
+        groups: dict = {}
+        for state in states:
+            groups.setdefault(share_key(state), []).append(state)
+        for group in groups.values():
+            for state, result in zip(group, train_group(group)):
+                results[state.run.name] = result
+    return [results[run.name] for run in runs]
+
+
+def _chunks(runs: list, cfg, k: int) -> list[list]:
+    """Runs likely to share a stream (same seed, stream settings, epochs, kind of input), at most k per chunk, in
+    order of first appearance; train_group checks the exact key once they are set up."""
+    from trainer.losses import get_loss
+
+    def likely(run) -> tuple:
+        own = run_config(cfg, run)
+        stages = plan_stages(run, own)
+        return (own.seed, own.batch_size, own.shuffle_rows, own.bucket_by_length, tuple(st.epochs for st in stages),
+                student_class(run.student).reads_teacher_ids, tuple(bool(get_loss(st.loss).fields) for st in stages))
+
+    buckets: dict = {}
+    for run in runs:
+        buckets.setdefault(likely(run), []).append(run)
+    return [rs[i : i + k] for rs in buckets.values() for i in range(0, len(rs), max(1, k))]
+
+
+def _gold_ids(cache: TeacherCache, budget: int) -> set[str]:
+    """The train rows whose gold label is kept: the first `budget` labelled rows by row id."""
+    rows = cache.row_table(["train"], ["row_id", "label"])
+    ids = sorted(r for r, y in zip(rows.column("row_id").to_pylist(), rows.column("label").to_pylist())
+                 if y is not None)
+    return set(ids[:budget])
+
+
+def _mask_labels(batch: dict, gold: set[str]) -> torch.Tensor:
+    labels = batch["labels"]
+    keep = torch.tensor([rid in gold for rid in batch["row_id"]], device=labels.device)
+    return torch.where(keep, labels, torch.full_like(labels, -100))
