@@ -56,6 +56,7 @@ quality: assets             ## students vs references written outside the projec
 
 bench: assets               ## CPU benchmarks -> bench/results/ (bench/gpu.sh for the GPU ones); ~40 min on 2 cores
 	$(PY) bench/teacher_cache.py
+	$(PY) bench/loader.py
 	$(PY) bench/student.py
 	$(PY) bench/augment.py
 	$(PY) bench/ranks.py

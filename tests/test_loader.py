@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from data.io import UserError
 from pipeline.cache_reader import ShardReader, TeacherCache
-from trainer.loader import CacheStream, StreamConfig
+from trainer.loader import CacheStream, StreamConfig, to_device
 
 SETS = ["train", "dev", "test"]
 
@@ -131,10 +131,10 @@ def _reference_batch(cache: TeacherCache, row_ids: list[str], vocab=None, pair=F
     return out
 
 
-@pytest.mark.parametrize("pair", [False, True])
-def test_columnar_batches_equal_the_row_by_row_ones(tiny_cache, pair):
-    """Every field the stream slices from whole arrays, and the word ids tokenised once per run, equal what the
-    per-row path gives for the same rows (Tang-style `[MASK]` rows and empty second sentences included)."""
+@pytest.mark.parametrize("pair,window_blocks", [(False, 3), (True, 3), (False, 0)])
+def test_columnar_batches_equal_the_row_by_row_ones(tiny_cache, pair, window_blocks):
+    """Every field the stream slices from whole arrays (widened by to_device), and the word ids tokenised once per
+    run, equal what the per-row path gives for the same rows (Tang-style `[MASK]` rows and empty second sentences included)."""
     from trainer.loader import WordIds
     from trainer.vocab import Vocab
 
@@ -144,14 +144,18 @@ def test_columnar_batches_equal_the_row_by_row_ones(tiny_cache, pair):
     vocab = Vocab.build(texts[::2])  # half the rows: the other half has <unk> words
     words = WordIds(cache, SETS, vocab, max_len=7, pair=pair)
     fields = ("logits", "cls", "input_ids", "hidden", "attention")
-    stream = CacheStream(cache_dir, SETS, fields, StreamConfig(batch_size=16, block_rows=16, window_blocks=3, seed=5),
-                         encode=words)
+    stream = CacheStream(cache_dir, SETS, fields, StreamConfig(batch_size=16, block_rows=16,
+                                                               window_blocks=window_blocks, seed=5), encode=words)
     n = 0
-    for batch in stream:
-        want = _reference_batch(cache, batch["row_id"], vocab, pair)
-        for key, value in want.items():
-            assert torch.equal(batch[key], value), key
-        assert torch.equal(batch["attention_mask"], batch["teacher_mask"].long())
-        assert all(v.is_contiguous() for v in batch.values() if torch.is_tensor(v))
-        n += len(batch["row_id"])
-    assert n == len(texts)
+    for epoch in (0, 1):  # a full shuffle's epoch 1 reuses the window epoch 0 read
+        stream.set_epoch(epoch)
+        for raw in stream:  # teacher fields leave the loader as float16; to_device widens them on the device
+            assert all(raw[k].dtype == torch.float16 for k in ("teacher_cls", "teacher_hidden", "teacher_attention"))
+            batch = to_device(raw, torch.device("cpu"))
+            want = _reference_batch(cache, batch["row_id"], vocab, pair)
+            for key, value in want.items():
+                assert torch.equal(batch[key], value), key
+            assert torch.equal(batch["attention_mask"], batch["teacher_mask"].long())
+            assert all(v.is_contiguous() for v in batch.values() if torch.is_tensor(v))
+            n += len(batch["row_id"])
+    assert n == 2 * len(texts)

@@ -18,7 +18,7 @@ from data.config import load_config, to_dict
 from data.io import UserError
 from pipeline.cache_reader import TeacherCache
 from recipes.compare import CompareConfig, compare
-from trainer.loader import CacheStream, StreamConfig
+from trainer.loader import CacheStream, StreamConfig, to_device
 from trainer.losses import get_loss, loss_names
 from trainer.paired import interval_text
 from trainer.students import cached_inputs, text_encoder
@@ -64,7 +64,7 @@ def _fixed_batch(cfg: TrainConfig, spec, student) -> dict:
                          encode=text_encoder(student), second_cache=cfg.cache2 if spec.needs_second_teacher else None)
     batch = next(iter(stream))
     batch.pop("stream")
-    return batch
+    return to_device(batch, torch.device("cpu"))
 
 
 @torch.no_grad()

@@ -10,12 +10,16 @@ from safetensors.torch import load_file
 from data.config import load_config
 from trainer.train import TrainConfig, train_all
 
+SCRATCH = {"init": "scratch", "num_layers": 2, "hidden_size": 96, "num_heads": 12, "intermediate_size": 128}
 RUNS = [{"student": "bilstm", "loss": "hinton"},
         {"student": "bilstm", "loss": "tang_mse", "student_params": {"dropout": 0.3}},
         {"student": "textcnn", "loss": "hinton"},
         {"student": "bilstm", "loss": "pkd"},  # a learned projection and the [CLS] field
         {"student": "bilstm", "loss": "ce", "name": "bilstm-ce-budget", "overrides": {"label_budget": 100}},
-        {"student": "bilstm", "loss": "hinton", "name": "bilstm-hinton-seed1", "overrides": {"seed": 1}}]
+        {"student": "bilstm", "loss": "hinton", "name": "bilstm-hinton-seed1", "overrides": {"seed": 1}},
+        # small BERTs on the teacher's token ids, hidden states and attention (a bounded shuffle window)
+        {"student": "smallbert", "loss": "minilm", "student_params": SCRATCH, "lr": 5e-4},
+        {"student": "smallbert", "loss": "distilbert", "student_params": SCRATCH, "lr": 5e-4}]
 
 
 def _train(cache_dir, out, together: int) -> list[dict]:
@@ -33,6 +37,7 @@ def test_runs_trained_together_end_as_they_would_alone(student_cache, tmp_path, 
     out = capsys.readouterr().out
     # the four seed-0 distilled runs read the same batches; ce reads gold rows only, seed 1 another shuffle
     assert "4 runs in one pass over the cache: bilstm-hinton, bilstm-tang_mse, textcnn-hinton, bilstm-pkd" in out
+    assert "2 runs in one pass over the cache: smallbert-minilm, smallbert-distilbert" in out
     assert [r["run"] for r in together] == [r["run"] for r in alone]
     for a, t in zip(alone, together):
         for key in ("dev_accuracy", "dev_macro_f1", "test_accuracy", "test_macro_f1", "test_teacher_agreement"):

@@ -15,7 +15,7 @@ import torch
 
 from data.io import atomic_write_text
 from data.metrics import classification_metrics
-from trainer.loader import CacheStream, StreamConfig, WordIds
+from trainer.loader import CacheStream, StreamConfig, WordIds, to_device
 
 
 PREDICTIONS = "test_predictions.parquet"  # in a run folder: every test row's prediction
@@ -47,10 +47,6 @@ def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, ba
         pq.write_table(table, tmp)
         os.replace(tmp, predictions)
     return metrics
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -9,11 +9,13 @@ bucketed by length. Shards are written in length order, so a small window holds 
 length clusters and bucketing makes batches length-homogeneous: both cost accuracy
 (docs/methods.md, "Student defaults"), which is why training defaults to a full shuffle. Because a window's
 permutation depends only on its index, a run resumed from (epoch, batches done) skips whole windows and
-continues on the very same stream.
+continues on the very same stream. A full shuffle reads its one window (every block of the plan) once per
+stream, in block order, and reuses it each epoch through a row map.
 
 A window is held as arrays (`Window`: the blocks' `Columns` joined, ragged fields as flat positions + row
 starts) and every batch is sliced and padded from them with index arithmetic, never through per-row Python
-objects. The built-in word students' ids are tokenised once per run (`WordIds`), not per batch and epoch.
+objects. Teacher fields leave the loader as float16 and are widened to float32 by `to_device` on the device
+the student trains on (on a GPU: half the bytes copied, the cast done there). The built-in word students' ids are tokenised once per run (`WordIds`), not per batch and epoch.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class CacheStream(IterableDataset):
         self.encode, self.rank, self.world = encode, rank, world
         self.second_dir = second_cache
         self.state = StreamState()
+        self._kept: tuple[tuple, Window] | None = None  # a full shuffle's window, read once (blocks, rows)
         cache = TeacherCache(cache_dir)
         cache.check_fields(self.fields)
         self.layout = {"cls_layers": cache.layout.cls_layers, "hidden_layers": cache.layout.hidden_layers,
@@ -123,17 +126,30 @@ class CacheStream(IterableDataset):
             if done + len(batches) <= skip:  # resumed: this whole window was consumed before
                 done += len(batches)
                 continue
-            rows = self._read_window(window)
+            rows, remap = self._window(window)
             for b in batches:
                 if done < skip:
                     done += 1
                     continue
                 done += 1
-                batch = rows.batch(b, self.layout)
+                batch = rows.batch(b if remap is None else remap[b], self.layout)
                 if self.encode is not None and not isinstance(self.encode, WordIds):
                     batch.update(self.encode(batch["text"], batch["text_b"]))
                 batch["stream"] = {"consumer": consumer, "batches_done": done}
                 yield batch
+
+    def _window(self, window: list) -> tuple["Window", np.ndarray | None]:
+        """The window's rows, and where its rows (in window order) sit in them. A full shuffle's one window holds
+        the same blocks every epoch: it is read once, in block order, and kept for the next epochs."""
+        if self.cfg.window_blocks:
+            return self._read_window(window), None
+        blocks = tuple(sorted(window))
+        if self._kept is None or self._kept[0] != blocks:
+            self._kept = (blocks, self._read_window(list(blocks)))
+        first, at = {}, 0
+        for b in blocks:
+            first[b], at = at, at + b[2] - b[1]
+        return self._kept[1], np.concatenate([np.arange(first[b], first[b] + b[2] - b[1]) for b in window])
 
     def _read_window(self, window: list) -> "Window":
         """The window's blocks as one set of arrays (+ the text columns the batches carry)."""
@@ -205,7 +221,8 @@ class Window:
         return cls(cols, strings, joined)
 
     def batch(self, idx: np.ndarray, layout: dict) -> dict:
-        """Rows `idx` of the window -> padded float32 tensors with a validity mask."""
+        """Rows `idx` of the window -> padded tensors with a validity mask; teacher fields stay float16 (and
+        token fields in their stored order, transposed as views) until to_device."""
         c = self.cols
         lengths = c.lengths[idx]
         L = int(lengths.max())
@@ -214,20 +231,20 @@ class Window:
         batch.update(labels=torch.from_numpy(c.labels[idx]), layout=layout, teacher_mask=torch.from_numpy(valid))
         if "logits" in c.rows:
             batch["teacher_logits"] = torch.from_numpy(c.rows["logits"][idx])
-        if "cls" in c.rows:  # fp16 -> fp32 by torch (vectorised), not numpy
-            batch["teacher_cls"] = torch.from_numpy(c.rows["cls"][idx]).float()
+        if "cls" in c.rows:
+            batch["teacher_cls"] = torch.from_numpy(c.rows["cls"][idx])
         if "teacher2_logits" in c.rows:
             batch["teacher2_logits"] = torch.from_numpy(c.rows["teacher2_logits"][idx])
         if "input_ids" in c.ragged:
             flat, starts = c.ragged["input_ids"]
             batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
             batch["attention_mask"] = batch["teacher_mask"].long()
-        if "hidden" in c.ragged:  # (B, L, n, d) -> (B, n, L, d)
+        if "hidden" in c.ragged:  # (B, L, n, d) -> (B, n, L, d), a view: to_device makes it contiguous
             flat, starts = c.ragged["hidden"]
-            batch["teacher_hidden"] = _fp32(torch.from_numpy(_pad(flat, starts[idx], lengths, L)).transpose(1, 2))
+            batch["teacher_hidden"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L)).transpose(1, 2)
         if "values" in c.ragged:
             flat, starts = c.ragged["values"]
-            batch["teacher_values"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L)).float()
+            batch["teacher_values"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
         if "attention" in c.ragged:  # rows of (len², n, H) -> (B, n, H, L, L), zero outside the valid block
             flat, starts = c.ragged["attention"]
             r = np.arange(L)
@@ -235,7 +252,7 @@ class Window:
             src = starts[idx][:, None, None] + r[None, :, None] * lengths[:, None, None] + r[None, None, :]
             out = np.zeros((len(idx), L, L, *flat.shape[1:]), flat.dtype)
             out[block] = flat[src[block]]
-            batch["teacher_attention"] = _fp32(torch.from_numpy(out).permute(0, 3, 4, 1, 2))
+            batch["teacher_attention"] = torch.from_numpy(out).permute(0, 3, 4, 1, 2)
         for suffix, (flat, starts, words) in self.words.items():  # word students: what encode_texts would give
             n = words[idx]
             batch[f"word_ids{suffix}"] = torch.from_numpy(_pad(flat, starts[idx], n, int(n.max())))
@@ -249,9 +266,18 @@ def _join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.nd
     return np.concatenate([f for f, _ in parts]), np.concatenate([s + k for (_, s), k in zip(parts, shift)])
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous float32 copy in one pass (the conversion and the transpose's reordering together)."""
-    return x.to(torch.float32, memory_format=torch.contiguous_format)
+def to_device(batch: dict, device) -> dict:
+    """A batch on the device the student trains on, teacher fields widened there: float16 travels as float16
+    (half the bytes to a GPU) and becomes a contiguous float32 tensor on the device, conversion and any
+    transpose's reordering in one pass."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device)
+            if v.dtype == torch.float16:
+                v = v.to(torch.float32, memory_format=torch.contiguous_format)
+        out[k] = v
+    return out
 
 
 def _pad(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:

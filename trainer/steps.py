@@ -33,8 +33,8 @@ from trainer.checkpoint import load_checkpoint, save_best, save_checkpoint
 from trainer.curves import log_epoch, log_step, open_curves
 from trainer.distributed import barrier, broadcast_flag, join, wrap
 from trainer.distributed import setup as dist_setup
-from trainer.evaluate import evaluate, finish_run, to_device, write_csv
-from trainer.loader import CacheStream, StreamConfig, WordIds
+from trainer.evaluate import evaluate, finish_run, write_csv
+from trainer.loader import CacheStream, StreamConfig, WordIds, to_device
 from trainer.run_key import claim_run_dir, plan_stages
 from trainer.run_setup import (build, default_loss_params, local_caches, loss_error, optimizer, preflight, stream_config,
                                 train_sets, with_projection)
