@@ -108,6 +108,8 @@ JOBS = {
                                                          student_params={"mlp_hidden": 0, "num_filters": 200})}),
     "abl-textcnn-tang-12": ("ablation", {"spec": run("textcnn", "tang_mse"), "tang_n_iter": 12}),
     "abl-hinton-tang-12": ("ablation", {"spec": run("bilstm", "hinton"), "tang_n_iter": 12}),
+    "abl-textcnn-filters-300": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"num_filters": 300})}),
+    "abl-textcnn-epochs-10": ("ablation", {"spec": run("textcnn", "tang_mse"), "overrides": ["epochs=10"]}),
     "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0},
                                                         loss_params={"class_mean": True})}),
 }
