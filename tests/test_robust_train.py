@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.train
+import trainer.steps
 from data.io import run_cli
 from tests.conftest import REPO, tmpfs
 from trainer.train import main
@@ -198,14 +198,14 @@ def test_signal_mid_epoch_resumes_to_the_same_student(base_run, tmp_path, capsys
     # a suite started as a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C does not
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    save = trainer.train.save_checkpoint
+    save = trainer.steps.save_checkpoint
 
     def save_then_signal(*args):
         save(*args)
         if json.loads((args[0] / "state.json").read_text())["global_step"] == 2:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(trainer.train, "save_checkpoint", save_then_signal)
+    monkeypatch.setattr(trainer.steps, "save_checkpoint", save_then_signal)
     got, _, err = cli(capsys, cache_dir, tmp_path)
     assert got == code and "run the same command again to resume" in one_error_line(err)
     monkeypatch.undo()

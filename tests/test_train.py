@@ -84,7 +84,7 @@ def test_resume_continues_after_the_last_epoch(tiny_cache, tmp_path, monkeypatch
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainer.train.broadcast_flag", interrupt)  # right after the end-of-epoch checkpoint
+    monkeypatch.setattr("trainer.steps.broadcast_flag", interrupt)  # right after the end-of-epoch checkpoint
     with pytest.raises(KeyboardInterrupt):
         train_run(plan_runs(cfg)[0], cfg)
     history = [json.loads(x) for x in (tmp_path / "textcnn-ce" / "metrics.jsonl").read_text().splitlines()
