@@ -23,7 +23,8 @@ from trainer.losses import get_loss, loss_names
 from trainer.paired import interval_text
 from trainer.students import cached_inputs, text_encoder
 from trainer.run_setup import default_loss_params
-from trainer.steps import set_up, stage_loss_params, train_group
+from trainer.steps import set_up, stage_loss_params
+from trainer.together import train_group
 from trainer.train import RunSpec, TrainConfig, main, plan_runs, train_run
 
 # a small from-scratch BERT over the teacher's tokenizer: 96 wide (!= the teacher's 384, so the

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from data.io import atomic_write_text
+from data.io import atomic_write_bytes, atomic_write_text
 from data.metrics import classification_metrics
 from trainer.loader import CacheStream, StreamConfig, WordIds, to_device
 
@@ -42,10 +41,9 @@ def evaluate(model, cache_dir, sets, fields, encode, num_labels: int, device, ba
     metrics["teacher_agreement"] = float(np.mean(preds == teacher))
     metrics["teacher_accuracy"] = float(np.mean(teacher[keep] == labels[keep])) if keep.any() else float("nan")
     if predictions is not None:
-        table = pa.table({"row_id": row_ids, "label": labels, "prediction": preds, "teacher": teacher})
-        tmp = predictions.with_name(predictions.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, predictions)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"row_id": row_ids, "label": labels, "prediction": preds, "teacher": teacher}), sink)
+        atomic_write_bytes(predictions, sink.getvalue().to_pybytes())
     return metrics
 
 

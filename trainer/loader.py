@@ -15,7 +15,8 @@ stream, in block order, and reuses it each epoch through a row map.
 A window is held as arrays (`Window`: the blocks' `Columns` joined, ragged fields as flat positions + row
 starts) and every batch is sliced and padded from them with index arithmetic, never through per-row Python
 objects. Teacher fields leave the loader as float16 and are widened to float32 by `to_device` on the device
-the student trains on (on a GPU: half the bytes copied, the cast done there). The built-in word students' ids are tokenised once per run (`WordIds`), not per batch and epoch.
+the student trains on (on a GPU: half the bytes copied, the cast done there). The built-in word students' ids
+are tokenised once per run (`WordIds`), not per batch and epoch.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 One command trains every (student, loss) run of the config from the same cache and
 prints one comparison table. Each run keeps its best-on-dev student (safetensors +
 JSON), a resumable checkpoint, metrics.jsonl/metrics.csv and its resolved config.
-This module holds the configs and the plan; the steps of training are in trainer/steps.py.
+This module holds the configs and the plan; the steps of training are in trainer/steps.py, and
+trainer/together.py drives them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from trainer.distributed import cleanup
 from trainer.evaluate import result_table
 from trainer.run_key import check_config, check_run_dirs
 from trainer.stages import Stage
-from trainer.steps import local_caches, set_up, train_group, train_runs
+from trainer.run_setup import local_caches
+from trainer.steps import set_up
+from trainer.together import train_group, train_runs
 from trainer.sweep import expand, named, setting_of, summarise, summary_markdown, twin_tags, write_summary
 
 
