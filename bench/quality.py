@@ -15,7 +15,8 @@ Finished runs are kept under work/quality/runs/ and reused, so an interrupted be
                             [groups=main,ablation] [stage_one=reuse]
 
 stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only). A job
-with `tang_n_iter` trains from a second cache of the same teacher and split with that many Tang rounds.
+with `tang_n_iter` trains from a second cache of the same teacher and split with that many Tang rounds; one with
+`tinybert_samples` from a cache that adds that many TinyBERT-augmented rows per training row.
 
 jobs runs that many trainings at once (each with `threads` torch threads); a 2-core machine gets more from
 two 1-thread LSTMs than from one 2-thread one. Results: bench/results/quality.json and quality.md.
@@ -50,13 +51,24 @@ TANG_N_ITER = 4  # the benchmark's augmentation; a job's `tang_n_iter` trains fr
 TEACHER = "work/quality/teacher"
 
 
-def cache_dir(n_iter: int = TANG_N_ITER) -> Path:
-    """The cache a job trains from: the same teacher and split, Tang rows of this n_iter."""
-    return WORK / "cache" / ("minilm-tweets" if n_iter == TANG_N_ITER else f"minilm-tweets-tang{n_iter}")
+def variant(job: dict) -> tuple[int, int]:
+    """A job's augmentation: (Tang n_iter, TinyBERT samples per training row; 0 = no TinyBERT rows)."""
+    return job.get("tang_n_iter", TANG_N_ITER), job.get("tinybert_samples", 0)
 
 
-def augment_dir(n_iter: int) -> str:
-    return "work/quality/augment" if n_iter == TANG_N_ITER else f"work/quality/augment-tang{n_iter}"
+def _suffix(n_iter: int, tinybert: int) -> str:
+    if (n_iter, tinybert) == (TANG_N_ITER, 0):
+        return ""
+    return f"-tang{n_iter}" + (f"-tinybert{tinybert}" if tinybert else "")
+
+
+def cache_dir(n_iter: int = TANG_N_ITER, tinybert: int = 0) -> Path:
+    """The cache a job trains from: the same teacher and split, Tang rows of this n_iter (+ TinyBERT rows)."""
+    return WORK / "cache" / f"minilm-tweets{_suffix(n_iter, tinybert)}"
+
+
+def augment_dir(n_iter: int, tinybert: int = 0) -> str:
+    return f"work/quality/augment{_suffix(n_iter, tinybert)}"
 
 
 def run(student, loss, **extra) -> dict:
@@ -110,6 +122,10 @@ JOBS = {
     "abl-hinton-tang-12": ("ablation", {"spec": run("bilstm", "hinton"), "tang_n_iter": 12}),
     "abl-textcnn-filters-300": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"num_filters": 300})}),
     "abl-textcnn-epochs-10": ("ablation", {"spec": run("textcnn", "tang_mse"), "overrides": ["epochs=10"]}),
+    # TinyBERT's augmentation (MLM + GloVe substitution, 4 samples per training row) beside Tang's rows, and alone
+    "abl-hinton-tang-tinybert": ("ablation", {"spec": run("bilstm", "hinton"), "tinybert_samples": 4}),
+    "abl-hinton-tinybert-only": ("ablation", {"spec": run("bilstm", "hinton"), "tinybert_samples": 4,
+                                              "overrides": ["train_sets=[train,aug-tinybert]"]}),
     "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={"mlp_hidden": 0},
                                                         loss_params={"class_mean": True})}),
 }
@@ -159,14 +175,17 @@ def threads_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def stage_one(py: str, threads: int, n_iter: int) -> None:
+def stage_one(py: str, threads: int, n_iter: int, tinybert: int) -> None:
+    """Split, augmentation (Tang; TinyBERT's MLM + GloVe substitution with `tinybert` samples per row, the same
+    Tang rows beside them) and the teacher cache, through the project's entry points."""
     make_split(WORK / "tweets-split.parquet")
     env = threads_env(threads)
-    aug = augment_dir(n_iter)
+    aug = augment_dir(n_iter, tinybert)
+    methods = ["methods=[tang,tinybert]", f"tinybert.n_samples={tinybert}"] if tinybert else []
     sh([py, "-m", "pipeline.train_teacher", "--config", CONFIG, "--data-only"], env)
     sh([py, "-m", "augment.run", "--config", "configs/augment.yaml", "data_dir=work/quality/data", f"out_dir={aug}",
-        f"cache_dir={aug}/cache", f"tang.n_iter={n_iter}"], env)
-    sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG, f"cache.name={cache_dir(n_iter).name}",
+        f"cache_dir={aug}/cache", f"tang.n_iter={n_iter}", f"workers={threads}", *methods], env)
+    sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG, f"cache.name={cache_dir(n_iter, tinybert).name}",
         f"cache.augment_dir={aug}"], env)  # fine-tunes the teacher unless it is
 
 
@@ -199,6 +218,8 @@ def job_key(name: str) -> str:
                     "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}
         if job.get("tang_n_iter", TANG_N_ITER) != TANG_N_ITER:
             material["tang_n_iter"] = job["tang_n_iter"]
+        if job.get("tinybert_samples"):
+            material["tinybert_samples"] = job["tinybert_samples"]
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -238,7 +259,7 @@ def run_job(py: str, name: str, seed: int, threads: int) -> dict:
     done = WORK / "runs" / f"{name}-s{seed}.json"
     _, job = JOBS[name]
     env = threads_env(threads)
-    cache = cache_dir(job.get("tang_n_iter", TANG_N_ITER))
+    cache = cache_dir(*variant(job))
     out_dir = WORK / "students" / f"{name}-s{seed}"
     t0 = time.time()
     if "reference" in job:
@@ -310,11 +331,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"unknown job(s) {sorted(unknown)}; known: {list(JOBS)}")
     py = sys.executable
     t0 = time.time()
-    for n_iter in sorted({JOBS[n][1].get("tang_n_iter", TANG_N_ITER) for n in names}):
-        if opts.get("stage_one") == "reuse" and (cache_dir(n_iter) / "manifest.json").is_file():
-            print(f"stage_one=reuse: training from the cache already at {cache_dir(n_iter)}")
+    for aug in sorted({variant(JOBS[n][1]) for n in names}):
+        if opts.get("stage_one") == "reuse" and (cache_dir(*aug) / "manifest.json").is_file():
+            print(f"stage_one=reuse: training from the cache already at {cache_dir(*aug)}")
         else:
-            stage_one(py, int(opts.get("stage_one_threads", 1)), n_iter)
+            stage_one(py, int(opts.get("stage_one_threads", 1)), *aug)
     work = [(n, s) for s in seeds for n in names]  # seed by seed: a cut-short invocation still compares like with like
     with ThreadPoolExecutor(int(opts.get("jobs", 2))) as pool:
         results = list(pool.map(lambda job: run_job(py, *job, int(opts.get("threads", 1))), work))

@@ -4,13 +4,14 @@ Synthetic teacher outputs of MPNet's shape (hidden 768, 12 heads, 13 [CLS] layer
 from the tweet corpus tokenised at max_length 64) go straight into the real writer (WriterThread + CacheWriter,
 as `make teacher-cache` drives them), as fast as it takes them. In the same run the same number of bytes per
 shard is written plainly to the same folder (one sequential write and one fsync per file). Per layout and per
-`commit_threads`: rows/s, MB/s, writer/plain, bytes/row and where the writer's time went.
+`commit_threads`: rows/s, MB/s, writer/plain (the median of `repeats` alternating pairs: this disk's speed drifts),
+bytes/row and where the writer's time went.
 
 The synthetic values are random normals; how well *real* teacher outputs compress is measured beside them, on
 the shipped MiniLM's hidden states, attention scores and values over real tweets, per codec.
 
     python bench/writer.py [rows=8192] [shard_rows=1024] [threads=1,2] [layouts=logits_cls,att4,att4_hidden5_values]
-                           [quantize=none,int8] [codecs=none,zstd] [dir=work/bench/writer]
+                           [quantize=none,int8] [codecs=none,zstd] [repeats=3] [dir=work/bench/writer]
                            [out=bench/results/writer.json]
 """
 from __future__ import annotations
@@ -203,6 +204,7 @@ def real_compressibility(n_rows: int = 256) -> dict:
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
     n_rows, shard_rows = int(opts.get("rows", 8192)), int(opts.get("shard_rows", 1024))
+    repeats = int(opts.get("repeats", 3))
     all_cores = ",".join(str(i) for i in range(1, (os.cpu_count() or 1) + 1))
     threads = [int(t) for t in opts.get("threads", all_cores).split(",")]
     layouts = opts.get("layouts", ",".join(LAYOUTS)).split(",")
@@ -217,10 +219,17 @@ def main(argv: list[str]) -> None:
         label = name + ("" if len(LAYOUTS[name]) == 1 else f" {q} {codec}")
         run_writer(folder / "cache", layout, texts[:256], lengths[:256], 1, shard_rows)  # warm-up: first calls
         for t in threads:
-            w = run_writer(folder / "cache", layout, texts, lengths, t, shard_rows)
-            plain = run_plain(folder / "plain", w["bytes"], w["shards"])
+            pairs = []  # the disk's speed drifts from second to second: writer and plain alternate, medians kept
+            for _ in range(repeats):
+                w = run_writer(folder / "cache", layout, texts, lengths, t, shard_rows)
+                pairs.append((w, run_plain(folder / "plain", w["bytes"], w["shards"])))
+            ratios = [w["mb_s"] / plain["mb_s"] for w, plain in pairs]
+            w, plain = sorted(pairs, key=lambda wp: wp[0]["mb_s"] / wp[1]["mb_s"])[len(pairs) // 2]
             row = {"layout": label, "commit_threads": t, "rows": n_rows, **w, "plain_mb_s": plain["mb_s"],
-                   "writer_over_plain": w["mb_s"] / plain["mb_s"]}
+                   "writer_over_plain": w["mb_s"] / plain["mb_s"], "repeats": repeats,
+                   "ratios": [round(r, 3) for r in ratios],
+                   "writer_mb_s_all": [round(w["mb_s"], 1) for w, _ in pairs],
+                   "plain_mb_s_all": [round(p["mb_s"], 1) for _, p in pairs]}
             results.append(row)
             print(f"{label:>34} threads {t}: {row['rows_s']:8.0f} rows/s {row['mb_s']:7.1f} MB/s, plain "
                   f"{row['plain_mb_s']:7.1f} MB/s, ratio {row['writer_over_plain']:.2f}, "

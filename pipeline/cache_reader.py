@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,7 @@ class ShardReader:
     def __init__(self, cache_dir: Path, info: ShardInfo, layout: FieldLayout):
         self.info, self.layout, self.cache_dir = info, layout, Path(cache_dir)
         self._zarr = None
+        self._plain: dict[str, PlainChunks | None] = {}
 
     @cached_property
     def table(self) -> pa.Table:
@@ -82,17 +84,17 @@ class ShardReader:
         labels = self._column("label", start, stop).fill_null(-100).to_numpy().astype(np.int64)
         out = Columns(n, lengths, labels, {}, {})
         if "logits" in fields:
-            out.rows["logits"] = _fixed_list_numpy(self._column("logits", start, stop), np.float32).reshape(n, -1)
+            out.rows["logits"] = _fixed_list_numpy(self._column("logits", start, stop), np.float32, (n,))
         if "cls" in fields:
             d = len(self.layout.cls_layers)
-            out.rows["cls"] = _fixed_list_numpy(self._column("cls", start, stop), np.float16).reshape(n, d, -1)
+            out.rows["cls"] = _fixed_list_numpy(self._column("cls", start, stop), np.float16, (n, d))
         if "input_ids" in fields:
             col = self._column("input_ids", start, stop).combine_chunks()
             offsets = col.offsets.to_numpy()
             out.ragged["input_ids"] = (col.flatten().to_numpy(zero_copy_only=False).astype(np.int64),
                                        (offsets[:-1] - offsets[0]).astype(np.int64))
         for name in ("hidden", "values", "attention"):
-            if name in fields and n:
+            if name in fields:
                 out.ragged[name] = self._ragged(name, start, stop, lengths)
         return out
 
@@ -100,7 +102,7 @@ class ShardReader:
         """(positions of the rows as fp16, each row's first position in it) of a Zarr field."""
         per_row = lengths * lengths if name == "attention" else lengths
         offsets = self._column("att_offset" if name == "attention" else "tok_offset", start, stop).to_numpy()
-        lo, hi = int(offsets[0]), int(offsets[-1] + per_row[-1])
+        lo, hi = (int(offsets[0]), int(offsets[-1] + per_row[-1])) if len(offsets) else (0, 0)
         block = self._checked(name, lo, hi)
         if self.layout.quantize == "int8":  # float16 = int8 × scale (pipeline/quantize.py)
             if name == "attention":  # one scale per row, layer and head: repeated over the row's positions
@@ -124,16 +126,70 @@ class ShardReader:
             if name == "attention":  # (L², layers, H) -> (layers, H, L, L)
                 rows = [r.reshape(L, L, *r.shape[1:]).transpose(2, 3, 0, 1) for r, L in zip(rows, cols.lengths.tolist())]
             out[name] = rows
-        if "input_ids" in fields and not cols.n:
-            out["input_ids"] = []
         return out
 
     def _checked(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Positions [lo, hi) of a Zarr array; a lost chunk reads as the fill value (NaN, or -128 for int8)."""
-        block = self._array(name)[lo:hi]
-        if _has_missing(block):
+        """Positions [lo, hi) of a Zarr array. Uncompressed arrays (the default) are read straight from their chunk
+        files, where a lost chunk is a missing or short file; through Zarr a lost chunk reads as the fill value
+        (NaN, or -128 for int8)."""
+        if name not in self._plain:
+            self._plain[name] = PlainChunks.of(zarr_path(self.cache_dir, self.info.name) / name)
+        plain = self._plain[name]
+        block = plain.read(lo, hi) if plain is not None else self._array(name)[lo:hi]
+        if block is None or (plain is None and _has_missing(block)):
             raise UserError(f"shard {self.info.name}: {name} has missing data (a Zarr chunk deleted or damaged)")
         return block
+
+
+@dataclass(frozen=True)
+class PlainChunks:
+    """A Zarr v3 array whose chunks are raw little-endian C-order bytes cut along the position axis only (what
+    cache.zarr_codec=none writes): positions [lo, hi) are read from the chunk files into one array, one copy from
+    the page cache, instead of through Zarr's codec pipeline and a NaN scan (about 2.5x the rows/s here)."""
+
+    folder: Path
+    per_chunk: int  # positions per chunk
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, folder: Path) -> "PlainChunks | None":
+        """The array's chunk layout when it is plain; None (read through Zarr) for any other codec or grid."""
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return None  # Zarr reports a missing or unreadable array by name
+        shape, grid = meta.get("shape", []), meta.get("chunk_grid", {})
+        chunks = grid.get("configuration", {}).get("chunk_shape", [])
+        plain = (meta.get("zarr_format") == 3 and grid.get("name") == "regular" and len(chunks) == len(shape) > 0
+                 and chunks[1:] == shape[1:] and not meta.get("storage_transformers")
+                 and meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+                 and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
+                 and meta.get("data_type") in ("float16", "float32", "int8"))
+        return cls(folder, chunks[0], tuple(shape[1:]), np.dtype(meta["data_type"])) if plain else None
+
+    def read(self, lo: int, hi: int) -> np.ndarray | None:
+        """Positions [lo, hi); None when a chunk file is missing or shorter than its chunk."""
+        out = np.empty((hi - lo, *self.row_shape), self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        row = out.itemsize * math.prod(self.row_shape)
+        at = 0
+        for k in range(lo // self.per_chunk, (hi - 1) // self.per_chunk + 1) if hi > lo else ():
+            first, last = max(lo, k * self.per_chunk), min(hi, (k + 1) * self.per_chunk)
+            want = (last - first) * row
+            try:
+                with open(self.folder.joinpath("c", str(k), *["0"] * len(self.row_shape)), "rb", buffering=0) as f:
+                    f.seek((first - k * self.per_chunk) * row)
+                    got = 0
+                    while got < want:
+                        n = f.readinto(view[at + got : at + want])
+                        if not n:
+                            return None
+                        got += n
+            except FileNotFoundError:
+                return None
+            at += want
+        return out
 
 
 def _has_missing(block: np.ndarray) -> bool:
@@ -143,12 +199,12 @@ def _has_missing(block: np.ndarray) -> bool:
     return bool(np.isnan(block).any() if block.dtype.kind == "f" else (block == INT8_MISSING).any())
 
 
-def _fixed_list_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
-    """A fixed-size-list column's values as one flat array (a view of the memory-mapped file when it is one chunk)."""
+def _fixed_list_numpy(col: pa.ChunkedArray, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-size-list column's values as a `shape` + (the rest of each row,) array (a view of the memory-mapped
+    file when it is one chunk); no rows give an empty array of the same row shape."""
     chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
-    if len(chunks) == 1:
-        return chunks[0].astype(dtype, copy=False)
-    return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
+    flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+    return flat.astype(dtype, copy=False).reshape(*shape, col.type.list_size // math.prod(shape[1:]))
 
 
 def stat_digest(cache_dir: Path, shard: str) -> str | None:
@@ -326,7 +382,7 @@ class TeacherCache:
         for shard in np.unique(shards).tolist():
             if shard not in self._logits:
                 r = self.reader(shard)
-                self._logits[shard] = _fixed_list_numpy(r.table.column("logits"), np.float32).reshape(r.info.rows, -1)
+                self._logits[shard] = _fixed_list_numpy(r.table.column("logits"), np.float32, (r.info.rows,))
             chosen = shards == shard
             out[chosen] = self._logits[shard][positions[chosen]]
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -220,36 +220,79 @@ class CacheWriter:
         return removed
 
     def commit(self, buf: ShardBuffer, merge: bool = True) -> ShardInfo:
-        """Write both files under temporary names (checksummed from memory), rename them, write the record,
-        then merge."""
-        layout = self.manifest.layout
-        final_arrow, final_zarr = arrow_path(self.dir, buf.name), zarr_path(self.dir, buf.name)
-        shards = final_arrow.parent
-        tmp_arrow, tmp_zarr = final_arrow.name + TMP_SUFFIX, final_zarr.name + TMP_SUFFIX
-        files = ShardFiles(shards, self.profile)
-        with self.profile.step("encode"):
-            data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
-        arrow_sum = files.write(tmp_arrow, data)
-        del data
-        crash_point("shard-arrow-written")
-        has_zarr = bool(buf.packed)
-        if has_zarr:
-            shutil.rmtree(shards / tmp_zarr, ignore_errors=True)
-            _write_zarr(buf, files, tmp_zarr, layout)
-        files.flush()
-        zarr_sum = tree_digest(files.digests_under(tmp_zarr)) if has_zarr else None
-        if has_zarr:
-            crash_point("shard-zarr-written")
-            atomic_replace_dir(shards / tmp_zarr, final_zarr)
-        crash_point("shard-zarr-renamed")
-        (shards / tmp_arrow).replace(final_arrow)
-        fsync_dir(shards)
-        crash_point("shard-files-in-place")
-        info = ShardInfo(name=buf.name, set=buf.set, rows=buf.num_rows, tokens=int(sum(buf.columns["length"])),
-                         arrow_sha256=arrow_sum, zarr_sha256=zarr_sum)
-        with self.profile.step("record"):
-            atomic_write_text(record_path(self.dir, buf.name), json.dumps(asdict(info)))
-        crash_point("shard-recorded")
+        """Write both files under temporary names (checksummed from memory), make them durable, rename them,
+        write the record, then merge."""
+        info = self.seal(self.write_files(buf))
         if merge:
             self.merge_records()
         return info
+
+    def write_files(self, buf: ShardBuffer) -> "WrittenShard":
+        """A shard's files under temporary names, handed to the OS (their checksums still being taken): the
+        CPU half of a commit, which the next shard may start while this one is sealed."""
+        layout = self.manifest.layout
+        shards = arrow_path(self.dir, buf.name).parent
+        written = WrittenShard(buf.name, buf.set, buf.num_rows, int(sum(buf.columns["length"])),
+                               ShardFiles(shards, self.profile), bool(buf.packed))
+        try:
+            with self.profile.step("encode"):
+                data = _arrow_bytes(_arrow_table(buf, layout, len(self.manifest.label_names)))
+            written.files.write(written.tmp_arrow, data)
+            del data
+            crash_point("shard-arrow-written")
+            if written.has_zarr:
+                shutil.rmtree(shards / written.tmp_zarr, ignore_errors=True)
+                _write_zarr(buf, written.files, written.tmp_zarr, layout)
+        except BaseException:
+            written.discard()
+            raise
+        return written
+
+    def seal(self, written: "WrittenShard") -> ShardInfo:
+        """The disk half of a commit: fsync, rename into place, then the record (the commit point)."""
+        shards = written.files.root
+        try:
+            written.files.flush()
+        except BaseException:
+            written.discard()
+            raise
+        arrow_sum = written.files.digests[Path(written.tmp_arrow)]
+        zarr_sum = tree_digest(written.files.digests_under(written.tmp_zarr)) if written.has_zarr else None
+        if written.has_zarr:
+            crash_point("shard-zarr-written")
+            atomic_replace_dir(shards / written.tmp_zarr, zarr_path(self.dir, written.name))
+        crash_point("shard-zarr-renamed")
+        (shards / written.tmp_arrow).replace(arrow_path(self.dir, written.name))
+        fsync_dir(shards)
+        crash_point("shard-files-in-place")
+        info = ShardInfo(name=written.name, set=written.set, rows=written.rows, tokens=written.tokens,
+                         arrow_sha256=arrow_sum, zarr_sha256=zarr_sum)
+        with self.profile.step("record"):
+            atomic_write_text(record_path(self.dir, written.name), json.dumps(asdict(info)))
+        crash_point("shard-recorded")
+        return info
+
+
+@dataclass
+class WrittenShard:
+    """A shard whose files are written under temporary names but not yet durable, renamed or recorded."""
+
+    name: str
+    set: str
+    rows: int
+    tokens: int
+    files: ShardFiles
+    has_zarr: bool
+
+    @property
+    def tmp_arrow(self) -> str:
+        return arrow_path(Path("."), self.name).name + TMP_SUFFIX
+
+    @property
+    def tmp_zarr(self) -> str:
+        return zarr_path(Path("."), self.name).name + TMP_SUFFIX
+
+    def discard(self) -> None:
+        """A failed shard (disk full, an error) removes its files, freeing their space for the manifest merge."""
+        (self.files.root / self.tmp_arrow).unlink(missing_ok=True)
+        shutil.rmtree(self.files.root / self.tmp_zarr, ignore_errors=True)

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +29,7 @@ class WriteProfile:
 
     add: a teacher batch joins its shard (after its device->host copy); encode: the Arrow table and its IPC bytes,
     joining a Zarr array's blocks; compress: Zarr chunks encoded in memory; write, fsync: the files; hash: the
-    checksum's time beyond its file's write (the two run side by side);
+    checksums' time beyond the writes and the fsync they run beside;
     record: the shard's commit record and the manifest merge."""
 
     def __init__(self):
@@ -55,15 +55,19 @@ class WriteProfile:
 
 
 class ShardFiles:
-    """Files of one shard under `root`: `write` hashes and writes each one, `flush` fsyncs them all and every
-    folder that gained an entry."""
+    """Files of one shard under `root`: `write` writes each one while another thread hashes the same bytes,
+    `flush` fsyncs them all and every folder made under root, then collects the checksums (so hashing
+    overlaps the later writes and the fsync instead of following each write)."""
+
+    PENDING_BYTES = 256 << 20  # bytes whose hash is still running (each holds its buffer): write waits above this
 
     def __init__(self, root: Path, profile: WriteProfile):
         self.root, self.profile = Path(root), profile
-        self.digests: dict[Path, str] = {}  # relative path -> sha256
+        self.digests: dict[Path, str] = {}  # relative path -> sha256, once collected
+        self._hashing: dict[Path, tuple[Future, int]] = {}  # relative path -> (its hash, its size)
         self._dirs: set[Path] = {self.root}
 
-    def write(self, rel: str | Path, data) -> str:
+    def write(self, rel: str | Path, data) -> None:
         """Write one file; the disk starts taking it at once (the shard's final fsync then has little left to
         wait for, and the next file's encoding overlaps this one's transfer)."""
         path = self.root / rel
@@ -82,23 +86,36 @@ class ShardFiles:
                     os.posix_fadvise(fd, 0, 0, START_WRITEBACK)
             finally:
                 os.close(fd)  # a shard has hundreds of chunk files: none stays open until the flush
-        with self.profile.step("hash"):  # what is left of the hash once the write is done
-            digest = hashed.result().hexdigest()
         self.profile.add_bytes(size)
-        self.digests[Path(rel)] = digest
-        return digest
+        self.digests.pop(Path(rel), None)  # a file written again (zarr.json) is hashed again
+        self._hashing[Path(rel)] = (hashed, size)
+        self._collect(self.PENDING_BYTES)
+
+    def _collect(self, limit: int) -> None:
+        """Checksums of finished hashes, oldest first; waits only while more than `limit` bytes are in flight."""
+        with self.profile.step("hash"):
+            pending = sum(size for _, size in self._hashing.values())
+            for rel, (hashed, size) in list(self._hashing.items()):
+                if pending <= limit and not hashed.done():
+                    break
+                self.digests[rel] = hashed.result().hexdigest()
+                del self._hashing[rel]
+                pending -= size
 
     def flush(self) -> None:
-        """Make every file written so far durable (data and folder entries)."""
+        """Make every file written so far durable (data, and the entries of the folders made under root), then
+        collect its checksum. Root's own entries are the caller's: it renames the files into place there and
+        fsyncs root once after that."""
         with self.profile.step("fsync"):
-            for rel in self.digests:
+            for rel in [*self.digests, *self._hashing]:
                 fd = os.open(self.root / rel, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            for folder in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
+            for folder in sorted(self._dirs - {self.root}, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(folder)
+        self._collect(0)
 
     def digests_under(self, folder: str) -> dict[Path, str]:
         """Digests of the files under `folder` (relative to root), relative to that folder (tree_digest's input)."""

@@ -123,26 +123,50 @@ class WriterThread(threading.Thread):
 
     Shard commits (compression, checksums, fsync) run on a small pool so that a GPU that
     outpaces one compressing thread is not held back; each shard's files are its own, and
-    only the manifest merge is serialised. At most `commit_threads` shards are in flight.
+    only the manifest merge is serialised. At most `commit_threads` shards are being encoded and
+    written; each then waits for its fsync, rename and record on one sealing thread (at most
+    `SEALING` of them), so the next shard's encoding overlaps the disk's flush of the last.
     """
+
+    SEALING = 2  # shards written but not yet durable (their bytes are in the page cache, not this process)
 
     def __init__(self, writer: CacheWriter, maxsize: int, merge: bool, commit_threads: int = 1):
         super().__init__(daemon=True)
         self.writer, self.q, self.merge, self.error = writer, queue.Queue(maxsize), merge, None
         self.pool = ThreadPoolExecutor(max(1, commit_threads), thread_name_prefix="shard-commit")
         self.slots = threading.Semaphore(max(1, commit_threads))
+        self.sealer = ThreadPoolExecutor(1, thread_name_prefix="shard-seal")
+        self.sealing = threading.Semaphore(self.SEALING)
         self.merge_lock = threading.Lock()
+        self._merged = time.monotonic()  # when the manifest was last merged
         self.pending: list[Future] = []
         self.waited = 0.0  # seconds the teacher side spent blocked on a full queue or on the last commits
 
-    def _commit(self, buf: ShardBuffer) -> None:
+    MERGE_EVERY_S = 5.0  # the manifest lists a committed shard at most this late (its record is the commit point)
+
+    def _commit(self, buf: ShardBuffer) -> Future:
+        """Write the shard's files, then queue its sealing (whose future `_check` follows)."""
         try:
-            self.writer.commit(buf, merge=False)
-            if self.merge:
-                with self.merge_lock, self.writer.profile.step("record"):
-                    self.writer.merge_records()
+            written = self.writer.write_files(buf)
+            self.sealing.acquire()
         finally:
             self.slots.release()
+        return self.sealer.submit(self._seal, written)
+
+    def _seal(self, written) -> None:
+        try:
+            self.writer.seal(written)
+            if self.merge and time.monotonic() - self._merged >= self.MERGE_EVERY_S:
+                self._merge()
+        finally:
+            self.sealing.release()
+
+    def _merge(self) -> None:
+        """The manifest and stamp brought up to date: a handful of small fsynced files, so not after every
+        shard; `finish` merges the last ones, and a run resumed after a crash merges every record first."""
+        with self.merge_lock, self.writer.profile.step("record"):
+            self.writer.merge_records()
+            self._merged = time.monotonic()
 
     def run(self) -> None:
         while (item := self.q.get()) is not None:
@@ -160,9 +184,12 @@ class WriterThread(threading.Thread):
                 self.error = e
 
     def _check(self) -> None:
+        """Raise the first failure of a finished commit; a written shard's sealing is followed from then on."""
         for f in [f for f in self.pending if f.done()]:
             self.pending.remove(f)
-            f.result()
+            sealing = f.result()
+            if sealing is not None:
+                self.pending.append(sealing)
 
     def put(self, item) -> None:
         if self.error is not None:
@@ -176,11 +203,21 @@ class WriterThread(threading.Thread):
         self.q.put(None)
         self.join()
         self.pool.shutdown(wait=True)
+        try:
+            self._check()  # every written shard's sealing is now pending
+        except BaseException as e:
+            self.error = self.error or e
+        self.sealer.shutdown(wait=True)
         self.waited += time.perf_counter() - t0
         if self.error is None:
             try:
                 self._check()
             except BaseException as e:
                 self.error = e
+        if self.merge:  # the shards committed before any failure are listed too
+            try:
+                self._merge()
+            except BaseException as e:
+                self.error = self.error or e
         if self.error is not None:
             raise self.error

@@ -233,3 +233,53 @@ def test_progress_bar_says_writer_bound_when_the_teacher_waits(tiny_cache):
         pace.shard_done(shard_s=1.0, waited_s=0.01)
         assert not bar.postfix
     assert pace.summary()["writer_wait_s"] == 0.51
+
+
+def test_an_empty_range_reads_every_field_empty(tiny_cache):
+    """read/columns over no rows give every asked field, empty, as they give it for rows (no special cases)."""
+    _, cache_dir = tiny_cache
+    cache = TeacherCache(cache_dir)
+    info = cache.shards(["dev"])[0]
+    empty, full = cache.reader(info).read(3, 3, ALL), cache.reader(info).read(3, 5, ALL)
+    assert set(empty) == set(full) and all(len(v) == 0 for v in empty.values())
+    cols = cache.reader(info).columns(3, 3, ALL)
+    assert cols.n == 0 and set(cols.rows) | set(cols.ragged) == set(ALL)
+    for name, (flat, starts) in cols.ragged.items():
+        assert len(flat) == len(starts) == 0 and flat.shape[1:] == cache.reader(info).columns(3, 5, ALL).ragged[name][0].shape[1:]
+
+
+def test_plain_chunk_files_read_as_zarr_reads_them(tiny_cache, tmp_path):
+    """Uncompressed arrays (the default) are read straight from their chunk files: every Zarr field equals Zarr's
+    own read over ranges at, inside and across chunk boundaries; a compressed array is read through Zarr; a short
+    chunk file is missing data."""
+    import zarr
+
+    from pipeline.cache_reader import PlainChunks
+    from pipeline.cache_writer import zarr_codecs
+
+    cache_dir = _copy_cache(tiny_cache[1], tmp_path)
+    info = Manifest.load(cache_dir).shards[0]
+    folder = cache_dir / "shards" / f"{info.name}.zarr"
+    group = zarr.open_group(str(folder), mode="r+")
+
+    def rewrite(name: str, codec: str):  # the same values in 7-position chunks, so ranges cross boundaries
+        data = group[name][:]
+        group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(7, *data.shape[1:]),
+                           compressors=zarr_codecs(codec), fill_value=np.nan, overwrite=True)[...] = data
+        return data
+
+    for name in ("hidden", "attention", "values"):
+        whole = rewrite(name, "none")
+        assert PlainChunks.of(folder / name).per_chunk == 7
+        n = len(whole)
+        for lo, hi in [(0, n), (0, 1), (6, 8), (7, 14), (3, 40), (n - 1, n), (5, 5)]:
+            got = TeacherCache(cache_dir).reader(info)._checked(name, lo, hi)
+            assert got.dtype == whole.dtype and got.flags.writeable
+            np.testing.assert_array_equal(got, whole[lo:hi])
+    data = rewrite("hidden", "zstd")
+    assert PlainChunks.of(folder / "hidden") is None
+    np.testing.assert_array_equal(TeacherCache(cache_dir).reader(info)._checked("hidden", 0, len(data)), data)
+    chunk = next(p for p in (folder / "values").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"shard {info.name}: values has missing data"):
+        TeacherCache(cache_dir).reader(info).read(0, info.rows, ("values",))

@@ -73,13 +73,13 @@ def test_resume_continues_the_same_stream(tiny_cache):
 def test_unrequested_fields_are_not_read(tiny_cache, monkeypatch):
     _, cache_dir = tiny_cache
     opened = []
-    original = ShardReader._array
+    original = ShardReader._checked
 
-    def spy(self, name):
+    def spy(self, name, lo, hi):
         opened.append(name)
-        return original(self, name)
+        return original(self, name, lo, hi)
 
-    monkeypatch.setattr(ShardReader, "_array", spy)
+    monkeypatch.setattr(ShardReader, "_checked", spy)
     for _ in _stream(cache_dir):
         pass
     assert opened == []
@@ -159,3 +159,41 @@ def test_columnar_batches_equal_the_row_by_row_ones(tiny_cache, pair, window_blo
             assert all(v.is_contiguous() for v in batch.values() if torch.is_tensor(v))
             n += len(batch["row_id"])
     assert n == 2 * len(texts)
+
+
+def test_word_ids_are_stored_once_and_mapped_by_later_runs(tiny_cache, tmp_path):
+    """The first run tokenises and stores the ids; a later run, or a DataLoader worker, maps the same matrices; a
+    writer that loses the race to store keeps the winner's copy; a store that does not match the cache is refused."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from trainer.loader import WordIds
+    from trainer.vocab import Vocab
+
+    _, cache_dir = tiny_cache
+    cache = TeacherCache(cache_dir)
+    texts = cache.row_table(SETS, ["text"]).column("text").to_pylist()
+    vocab = Vocab.build(texts)
+    first = WordIds(cache, SETS, vocab, max_len=7, pair=True, store=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [first.folder.name]
+    later = WordIds(cache, SETS, vocab, max_len=7, pair=True, store=tmp_path)
+    worker = pickle.loads(pickle.dumps(later))
+    assert len(pickle.dumps(later)) < 2_000  # the folder travels, not the matrices
+    in_memory = WordIds(cache, SETS, vocab, max_len=7, pair=True)
+    for name, parts in in_memory.shards.items():
+        for suffix, (ids, lengths) in parts.items():
+            for other in (later, worker):
+                assert isinstance(other.shards[name][suffix][0], np.memmap)
+                np.testing.assert_array_equal(other.shards[name][suffix][0], ids)
+                np.testing.assert_array_equal(other.shards[name][suffix][1], lengths)
+    first._save(first.folder)  # a second writer arriving late
+    assert [p.name for p in tmp_path.iterdir()] == [first.folder.name]
+    WordIds(cache, SETS, Vocab.build(texts[::2]), max_len=7, pair=True, store=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # another vocabulary, another folder
+    index = first.folder / "index.json"
+    shards = json.loads(index.read_text())["shards"]
+    index.write_text(json.dumps({"shards": {k: v + 1 for k, v in shards.items()}}))
+    with pytest.raises(UserError, match="word-id store .* delete that folder"):
+        WordIds(cache, SETS, vocab, max_len=7, pair=True, store=tmp_path)

@@ -16,18 +16,22 @@ A window is held as arrays (`Window`: the blocks' `Columns` joined, ragged field
 starts) and every batch is sliced and padded from them with index arithmetic, never through per-row Python
 objects. Teacher fields leave the loader as float16 and are widened to float32 by `to_device` on the device
 the student trains on (on a GPU: half the bytes copied, the cast done there). The built-in word students' ids
-are tokenised once per run (`WordIds`), not per batch and epoch.
+are tokenised once per cache and vocabulary (`WordIds`, stored beside the runs), not per batch and epoch.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.io import UserError, atomic_write_text, fsync_dir
 from pipeline.cache_reader import Columns, TeacherCache
 
 
@@ -169,16 +173,28 @@ class CacheStream(IterableDataset):
 
 
 class WordIds:
-    """Every row's word ids, tokenised once per run (not once per batch and epoch): for the built-in word students,
-    whose `encode_texts` is vocab.encode over `tokenize`; the batches they give are the very same tensors."""
+    """Every row's word ids for the built-in word students, whose `encode_texts` is vocab.encode over `tokenize`:
+    tokenised once per (cache, vocabulary, truncation) and held per shard as a dense (rows, width) matrix padded
+    with <pad> = 0 plus each row's word count, so a batch is one slice `ids[idx, :L]`. With a `store` folder the
+    matrices are written there once (`<store>/<digest of the inputs>/`, plain .npy files, moved into place whole)
+    and memory-mapped by every later run and worker that uses the same vocabulary on the same cache."""
 
-    def __init__(self, cache: TeacherCache, sets: list[str], vocab, max_len: int | None, pair: bool):
+    FORMAT = 1
+
+    def __init__(self, cache: TeacherCache, sets: list[str], vocab, max_len: int | None, pair: bool,
+                 store: str | os.PathLike | None = None):
+        from trainer.run_key import cache_fingerprint
+
         self.pair, self.key = pair, self.key_of(sets, vocab, max_len, pair)
-        self.shards: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-        for info in cache.shards(sets):
-            table = cache.reader(info).table
-            self.shards[info.name] = {suffix: _word_ids(table.column(col).to_pylist(), vocab, max_len)
-                                      for suffix, col in (("", "text"), ("_b", "text_b")) if pair or not suffix}
+        infos = cache.shards(sets)
+        digest = hashlib.sha256(json.dumps([self.FORMAT, cache_fingerprint(cache), self.key]).encode()).hexdigest()
+        self.folder = Path(store) / digest[:32] if store is not None else None
+        if self.folder is not None and self.folder.is_dir():
+            self.shards = self._load(self.folder, infos)
+        else:
+            self.shards = self._tokenise(cache, infos, vocab, max_len)
+            if self.folder is not None:
+                self._save(self.folder)
 
     @staticmethod
     def key_of(sets: list[str], vocab, max_len: int | None, pair: bool) -> str:
@@ -186,21 +202,80 @@ class WordIds:
         words = hashlib.sha256("\n".join(vocab.itos).encode()).hexdigest()
         return json.dumps([list(sets), words, max_len, pair])
 
-    def block(self, shard: str, start: int, stop: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(flat ids, each row's first position, words per row) of rows [start, stop) of a shard."""
-        out = {}
-        for key, (flat, starts, lengths) in self.shards[shard].items():
-            first, last = starts[start], starts[stop - 1] + lengths[stop - 1]
-            out[key] = (flat[first:last], starts[start:stop] - first, lengths[start:stop])
-        return out
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("", "_b") if self.pair else ("",)
 
+    def _tokenise(self, cache: TeacherCache, infos, vocab, max_len: int | None) -> dict:
+        rows = {(info.name, suffix): [vocab.ids(t, max_len) for t in
+                                      cache.reader(info).table.column("text" + suffix).to_pylist()]
+                for info in infos for suffix in self._suffixes()}
+        width = max([len(r) for ids in rows.values() for r in ids] or [1])
+        shards: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {info.name: {} for info in infos}
+        for (name, suffix), ids in rows.items():
+            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+            dense = np.zeros((len(ids), width), np.int32)
+            dense[np.arange(width)[None, :] < lengths[:, None]] = np.fromiter(
+                (i for r in ids for i in r), np.int32, int(lengths.sum()))
+            shards[name][suffix] = (dense, lengths)
+        return shards
 
-def _word_ids(texts: list, vocab, max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(flat ids, each row's first position, words per row) of the texts."""
-    rows = [vocab.ids(t, max_len) for t in texts]
-    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return np.fromiter((i for r in rows for i in r), np.int64, int(lengths.sum())), starts, lengths
+    def _save(self, folder: Path) -> None:
+        """All shards' matrices (+ index.json, their names and row counts) into a temporary sibling, then renamed
+        into place: a concurrent run that got there first wins and this one's copy is dropped (same ids)."""
+        tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for n, (name, parts) in enumerate(self.shards.items()):
+            for suffix, (dense, lengths) in parts.items():
+                _save_synced(tmp / f"{n}{suffix}.ids.npy", dense)
+                _save_synced(tmp / f"{n}{suffix}.lengths.npy", lengths)
+        atomic_write_text(tmp / "index.json", json.dumps({"shards": {name: len(parts[""][0])
+                                                                     for name, parts in self.shards.items()}}))
+        try:
+            os.rename(tmp, folder)
+            fsync_dir(folder.parent)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.shards = self._load(folder, [])
+
+    def _load(self, folder: Path, infos) -> dict:
+        """The stored matrices, memory-mapped (numbers only: nothing is unpickled); a store whose shards or row
+        counts differ from the cache's is refused by name."""
+        index = json.loads((folder / "index.json").read_text())["shards"]
+        want = {i.name: i.rows for i in infos} or index
+        shards = {}
+        for n, (name, rows) in enumerate(index.items()):
+            shards[name] = {}
+            for suffix in self._suffixes():
+                dense = np.load(folder / f"{n}{suffix}.ids.npy", mmap_mode="r")
+                lengths = np.load(folder / f"{n}{suffix}.lengths.npy", mmap_mode="r")
+                if len(dense) != rows or len(lengths) != rows:
+                    raise UserError(f"word-id store {folder}: shard {name}{suffix} holds {len(dense)} rows, its "
+                                    f"index {rows}; delete that folder to tokenise again")
+                shards[name][suffix] = (dense, lengths)
+        if index != want:
+            raise UserError(f"word-id store {folder} holds shards {index}, the cache {want}; delete that folder "
+                            "to tokenise again")
+        return shards
+
+    def __getstate__(self) -> dict:
+        """A DataLoader worker gets the folder, not a pickled copy of the matrices, when they are stored."""
+        state = dict(self.__dict__)
+        if self.folder is not None:
+            state["shards"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.shards is None:
+            self.shards = self._load(self.folder, [])
+
+    def block(self, shard: str, start: int, stop: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(ids (rows, width) int64, words per row) of rows [start, stop) of a shard."""
+        return {k: (dense[start:stop].astype(np.int64), np.asarray(lengths[start:stop]))
+                for k, (dense, lengths) in self.shards[shard].items()}
 
 
 @dataclass
@@ -209,7 +284,8 @@ class Window:
 
     cols: Columns
     strings: dict[str, np.ndarray]
-    words: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    words: dict[str, tuple[np.ndarray, np.ndarray]]  # suffix -> (ids (rows, width), words per row)
+    below: np.ndarray  # below[n, j] = j < n: the validity row of n tokens, looked up rather than compared per batch
 
     @classmethod
     def concat(cls, parts: list[Columns], strings: dict, words: list[dict]) -> "Window":
@@ -217,9 +293,10 @@ class Window:
         cols = Columns(int(len(lengths)), lengths, np.concatenate([p.labels for p in parts]),
                        {k: np.concatenate([p.rows[k] for p in parts]) for k in parts[0].rows},
                        {k: _join([p.ragged[k] for p in parts]) for k in parts[0].ragged})
-        joined = {k: (*_join([(w[k][0], w[k][1]) for w in words]), np.concatenate([w[k][2] for w in words]))
+        joined = {k: (np.concatenate([w[k][0] for w in words]), np.concatenate([w[k][1] for w in words]))
                   for k in (words[0] if words else {})}
-        return cls(cols, strings, joined)
+        width = int(lengths.max(initial=0))
+        return cls(cols, strings, joined, np.arange(width)[None, :] < np.arange(width + 1)[:, None])
 
     def batch(self, idx: np.ndarray, layout: dict) -> dict:
         """Rows `idx` of the window -> padded tensors with a validity mask; teacher fields stay float16 (and
@@ -227,15 +304,12 @@ class Window:
         c = self.cols
         lengths = c.lengths[idx]
         L = int(lengths.max())
-        valid = np.arange(L)[None, :] < lengths[:, None]
+        valid = self.below[lengths, :L]
         batch = {k: v[idx].tolist() for k, v in self.strings.items()}
         batch.update(labels=torch.from_numpy(c.labels[idx]), layout=layout, teacher_mask=torch.from_numpy(valid))
-        if "logits" in c.rows:
-            batch["teacher_logits"] = torch.from_numpy(c.rows["logits"][idx])
-        if "cls" in c.rows:
-            batch["teacher_cls"] = torch.from_numpy(c.rows["cls"][idx])
-        if "teacher2_logits" in c.rows:
-            batch["teacher2_logits"] = torch.from_numpy(c.rows["teacher2_logits"][idx])
+        for name, key in (("logits", "teacher_logits"), ("cls", "teacher_cls"), ("teacher2_logits", "teacher2_logits")):
+            if name in c.rows:
+                batch[key] = torch.from_numpy(c.rows[name][idx])
         if "input_ids" in c.ragged:
             flat, starts = c.ragged["input_ids"]
             batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
@@ -254,11 +328,18 @@ class Window:
             out = np.zeros((len(idx), L, L, *flat.shape[1:]), flat.dtype)
             out[block] = flat[src[block]]
             batch["teacher_attention"] = torch.from_numpy(out).permute(0, 3, 4, 1, 2)
-        for suffix, (flat, starts, words) in self.words.items():  # word students: what encode_texts would give
+        for suffix, (ids, words) in self.words.items():  # word students: what encode_texts would give
             n = words[idx]
-            batch[f"word_ids{suffix}"] = torch.from_numpy(_pad(flat, starts[idx], n, int(n.max())))
+            batch[f"word_ids{suffix}"] = torch.from_numpy(ids[idx, : int(n.max())])
             batch[f"word_lengths{suffix}"] = torch.from_numpy(n)
         return batch
+
+
+def _save_synced(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

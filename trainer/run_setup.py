@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +14,8 @@ from data.io import UserError
 from pipeline.cache_reader import TeacherCache
 from pipeline.cache_sync import local_cache_path
 from trainer.loader import StreamConfig
+
+WORD_IDS_DIR = ".word_ids"  # under train.out_dir: word students' ids, one folder per (cache, vocabulary)
 
 if TYPE_CHECKING:  # trainer.train imports this module
     from trainer.train import RunSpec, TrainConfig
@@ -57,7 +60,8 @@ def optimizer(model, lr: float, cfg: TrainConfig, total_steps: int):
 
 def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str], encoders: dict | None = None):
     """The student (its class's `for_run`) and the text encoder its batches need (None: it reads the cached
-    input_ids); `encoders` shares one word-id table among runs of the same vocabulary."""
+    input_ids); `encoders` shares one word-id table among runs of the same vocabulary, and runs of any later
+    process find it stored under <out_dir>/.word_ids."""
     from trainer.students import RunInputs, student_class, text_encoder
 
     cls = student_class(run.student)
@@ -65,7 +69,8 @@ def build(run: RunSpec, cfg: TrainConfig, cache: TeacherCache, sets: list[str], 
         model = cls.for_run({"num_labels": cache.num_labels, **run.student_params}, RunInputs(cache, sets, cfg))
     except UserError as e:
         raise UserError(f"run {run.name}: {e}") from None
-    return model, text_encoder(model, cache, [*sets, cfg.dev_set, cfg.test_set], encoders)
+    return model, text_encoder(model, cache, [*sets, cfg.dev_set, cfg.test_set], encoders,
+                               store=Path(cfg.out_dir) / WORD_IDS_DIR)
 
 def with_projection(run: RunSpec, cache: TeacherCache, specs) -> RunSpec:
     """Losses comparing student vectors with the teacher's [CLS] (PKD, dynakd_supervision) or hidden states

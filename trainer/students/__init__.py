@@ -93,10 +93,11 @@ def cached_inputs(student) -> tuple[str, ...]:
     return ("logits", "input_ids") if student.reads_teacher_ids else ("logits",)
 
 
-def text_encoder(model: nn.Module, cache: "TeacherCache | None" = None, sets=(), shared: dict | None = None):
+def text_encoder(model: nn.Module, cache: "TeacherCache | None" = None, sets=(), shared: dict | None = None,
+                 store: "str | os.PathLike | None" = None):
     """What turns a batch's text into the model's inputs: None (it reads the cached input_ids), the built-in word
-    students' word ids of `sets` tokenised once (trainer.loader.WordIds; one per vocabulary in `shared`), or the
-    model's own encode_texts."""
+    students' word ids of `sets` tokenised once (trainer.loader.WordIds; one per vocabulary in `shared`, kept on
+    disk under `store`), or the model's own encode_texts."""
     from trainer.loader import WordIds
     from trainer.students._word import WordStudent
 
@@ -107,7 +108,7 @@ def text_encoder(model: nn.Module, cache: "TeacherCache | None" = None, sets=(),
         key = WordIds.key_of(sets, model.vocab, model.config.max_len, model.config.pair)
         if shared is not None and key in shared:
             return shared[key]
-        ids = WordIds(cache, sets, model.vocab, model.config.max_len, model.config.pair)
+        ids = WordIds(cache, sets, model.vocab, model.config.max_len, model.config.pair, store)
         return ids if shared is None else shared.setdefault(key, ids)
     return model.encode_texts
 
