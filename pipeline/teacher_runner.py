@@ -129,6 +129,7 @@ class WriterThread(threading.Thread):
     """
 
     SEALING = 2  # shards written but not yet durable (their bytes are in the page cache, not this process)
+    MERGE_EVERY_S = 5.0  # the manifest lists a committed shard at most this late (its record is the commit point)
 
     def __init__(self, writer: CacheWriter, maxsize: int, merge: bool, commit_threads: int = 1):
         super().__init__(daemon=True)
@@ -141,8 +142,6 @@ class WriterThread(threading.Thread):
         self._merged = time.monotonic()  # when the manifest was last merged
         self.pending: list[Future] = []
         self.waited = 0.0  # seconds the teacher side spent blocked on a full queue or on the last commits
-
-    MERGE_EVERY_S = 5.0  # the manifest lists a committed shard at most this late (its record is the commit point)
 
     def _commit(self, buf: ShardBuffer) -> Future:
         """Write the shard's files, then queue its sealing (whose future `_check` follows)."""

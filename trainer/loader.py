@@ -312,14 +312,14 @@ class Window:
                 batch[key] = torch.from_numpy(c.rows[name][idx])
         if "input_ids" in c.ragged:
             flat, starts = c.ragged["input_ids"]
-            batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
+            batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], valid))
             batch["attention_mask"] = batch["teacher_mask"].long()
         if "hidden" in c.ragged:  # (B, L, n, d) -> (B, n, L, d), a view: to_device makes it contiguous
             flat, starts = c.ragged["hidden"]
-            batch["teacher_hidden"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L)).transpose(1, 2)
+            batch["teacher_hidden"] = torch.from_numpy(_pad(flat, starts[idx], valid)).transpose(1, 2)
         if "values" in c.ragged:
             flat, starts = c.ragged["values"]
-            batch["teacher_values"] = torch.from_numpy(_pad(flat, starts[idx], lengths, L))
+            batch["teacher_values"] = torch.from_numpy(_pad(flat, starts[idx], valid))
         if "attention" in c.ragged:  # rows of (len², n, H) -> (B, n, H, L, L), zero outside the valid block
             flat, starts = c.ragged["attention"]
             r = np.arange(L)
@@ -362,9 +362,10 @@ def to_device(batch: dict, device) -> dict:
     return out
 
 
-def _pad(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:
-    """Rows flat[start : start + length] as a zero-padded (B, L, ...) array of flat's dtype."""
-    valid = np.arange(L)[None, :] < lengths[:, None]
-    out = np.zeros((len(starts), L, *flat.shape[1:]), flat.dtype)
+def _pad(flat: np.ndarray, starts: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Rows flat[start : start + length] as a zero-padded (B, L, ...) array of flat's dtype; `valid` (B, L) is the
+    batch's validity mask, computed once for all its token fields."""
+    B, L = valid.shape
+    out = np.zeros((B, L, *flat.shape[1:]), flat.dtype)
     out[valid] = flat[(starts[:, None] + np.arange(L)[None, :])[valid]]
     return out
