@@ -10,7 +10,7 @@ Side by side in one run, on a cache of the first `rows` train rows (logits + [CL
   - a small full cache (hidden, attention, values): ShardReader block reads and the stream's padded batches.
 Writes bench/results/loader.json (or out=) and prints it.
 
-    python bench/loader.py [rows=2000] [repeats=3] [key=value ...]     (RunConfig overrides as in bench/student.py)
+    python bench/loader.py [rows=2000] [repeats=3] [loader_passes=50] [key=value ...]     (RunConfig overrides as in bench/student.py)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pipeline.cache_reader import TeacherCache  # noqa: E402
 from trainer.loader import CacheStream, StreamConfig  # noqa: E402
 from trainer.students import text_encoder  # noqa: E402
 
-DEFAULTS = {"repeats": "3", "reads": "40", "lookups": "300", "zarr_rows": "512", "profile": "0",
+DEFAULTS = {"repeats": "3", "loader_passes": "50", "reads": "40", "lookups": "300", "zarr_rows": "512", "profile": "0",
             "out": str(REPO / "bench/results/loader.json")}
 TARGETS = {"loader_overhead": "<= 0.05 ((t_stream - t_ram) / t_ram, medians of the repeats, BiLSTM + hinton, batch 64)",
            "reader_logits_cls_rows_s": ">= 50000 (2 CPU cores)",
@@ -78,13 +78,15 @@ def loader_overhead(cache_dir: Path, texts: list[str], num_labels: int, opts: di
     plain = CacheStream(cache_dir, ["train"], ("cls", "logits"), StreamConfig(batch_size=bs, seed=seed))
     per_batch = CacheStream(cache_dir, ["train"], ("cls", "logits"), StreamConfig(batch_size=bs, seed=seed),
                             encode=model.encode_texts)
+    passes = int(opts["loader_passes"])  # an epoch of 2,000 rows takes ~4 ms: one is too short to time
     for _ in range(repeats):
-        for s, acc in ((stream, loader_s), (plain, plain_s), (per_batch, per_batch_s)):
+        for s, acc, k in ((stream, loader_s, passes), (plain, plain_s, passes), (per_batch, per_batch_s, 1)):
             s.set_epoch(0)
             t0 = time.perf_counter()
-            for _b in s:
-                pass
-            acc.append(time.perf_counter() - t0)
+            for _pass in range(k):
+                for _b in s:
+                    pass
+            acc.append((time.perf_counter() - t0) / k)
     return {"student": "bilstm", "loss": "hinton", "fields": ["logits", "cls"], "batch_size": bs, "steps": n,
             "rows": stream.num_rows, "repeats": repeats,
             "stream_seconds": [round(t, 3) for t in t_stream], "ram_seconds": [round(t, 3) for t in t_ram],

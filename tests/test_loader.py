@@ -45,6 +45,19 @@ def test_shuffle_differs_by_epoch_and_repeats_by_seed(tiny_cache):
     assert _ids(_stream(cache_dir, seed=4), 1) != e1
 
 
+def test_cache_opened_once_per_process_and_left_out_of_pickles(tiny_cache):
+    import pickle
+
+    _, cache_dir = tiny_cache
+    stream = _stream(cache_dir)
+    first = _ids(stream, 0)
+    opened = stream._cache
+    assert _ids(stream, 1) and stream._cache is opened  # a later epoch keeps the open cache
+    copy = pickle.loads(pickle.dumps(stream))  # what a spawned DataLoader worker receives
+    assert copy._cache is None
+    assert _ids(copy, 0) == first and copy._cache is not opened
+
+
 def test_length_buckets_pad_less(tiny_cache):
     _, cache_dir = tiny_cache
 

@@ -68,6 +68,9 @@ class CacheStream(IterableDataset):
         self.second_dir = second_cache
         self.state = StreamState()
         self._kept: tuple[tuple, Window] | None = None  # a full shuffle's window, read once (blocks, rows)
+        self._cache: TeacherCache | None = None
+        self._second: TeacherCache | None = None
+        self._opened_in: int | None = None  # the process that opened them
         cache = TeacherCache(cache_dir)
         cache.check_fields(self.fields)
         self.layout = {"cls_layers": cache.layout.cls_layers, "hidden_layers": cache.layout.hidden_layers,
@@ -84,6 +87,17 @@ class CacheStream(IterableDataset):
             if second.label_names != cache.label_names:
                 raise ValueError(f"second teacher cache {second_cache} has labels {second.label_names}, "
                                  f"first has {cache.label_names}")
+
+    def _open(self) -> None:
+        """The caches, opened once per process (not per epoch: that was a tenth of a small epoch's time); a
+        DataLoader worker opens its own rather than use its parent's."""
+        if self._opened_in != os.getpid():
+            self._cache = TeacherCache(self.cache_dir)
+            self._second = TeacherCache(self.second_dir) if self.second_dir is not None else None
+            self._opened_in = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None, "_second": None, "_opened_in": None}
 
     def set_epoch(self, epoch: int) -> None:
         self.state = StreamState(epoch=epoch)
@@ -120,11 +134,11 @@ class CacheStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         consumers, consumer = self.world * workers, self.rank * workers + worker
-        self._cache = TeacherCache(self.cache_dir)
-        self._second = TeacherCache(self.second_dir) if self.second_dir is not None else None
+        self._open()
         epoch = self.state.epoch
         skip = self.state.batches_done.get(consumer, 0)
         plan = self.consumer_plan(epoch, consumer, consumers)
+        tokenise = self.encode is not None and not isinstance(self.encode, WordIds)
         done = 0
         for index, window in enumerate(self.windows(plan)):
             batches = self._window_batches(epoch, consumer, index, window)
@@ -138,7 +152,7 @@ class CacheStream(IterableDataset):
                     continue
                 done += 1
                 batch = rows.batch(b if remap is None else remap[b], self.layout)
-                if self.encode is not None and not isinstance(self.encode, WordIds):
+                if tokenise:
                     batch.update(self.encode(batch["text"], batch["text_b"]))
                 batch["stream"] = {"consumer": consumer, "batches_done": done}
                 yield batch
@@ -301,7 +315,7 @@ class Window:
     def batch(self, idx: np.ndarray, layout: dict) -> dict:
         """Rows `idx` of the window -> padded tensors with a validity mask; teacher fields stay float16 (and
         token fields in their stored order, transposed as views) until to_device."""
-        c = self.cols
+        c = self.cols  # multi-dimensional rows by `take`, numpy's leaner path for one index array (+8% rows/s)
         lengths = c.lengths[idx]
         L = int(lengths.max())
         valid = self.below[lengths, :L]
@@ -309,7 +323,7 @@ class Window:
         batch.update(labels=torch.from_numpy(c.labels[idx]), layout=layout, teacher_mask=torch.from_numpy(valid))
         for name, key in (("logits", "teacher_logits"), ("cls", "teacher_cls"), ("teacher2_logits", "teacher2_logits")):
             if name in c.rows:
-                batch[key] = torch.from_numpy(c.rows[name][idx])
+                batch[key] = torch.from_numpy(c.rows[name].take(idx, axis=0))
         if "input_ids" in c.ragged:
             flat, starts = c.ragged["input_ids"]
             batch["input_ids"] = torch.from_numpy(_pad(flat, starts[idx], valid))
