@@ -20,6 +20,8 @@ from data.config import parse_cli, save_config
 from data.io import UserError, atomic_write_text, run_cli
 from data.prepare import load_split
 
+UNION = "union"  # out_dir/union.parquet: every method's rows together (the teacher cache leaves it out by default)
+
 
 def load_input(cfg: AugmentConfig) -> pa.Table:
     rows = load_split(cfg.data_dir, cfg.split)
@@ -62,20 +64,20 @@ def write_union(summaries: list[dict], out_dir: Path) -> dict:
             if parts:
                 yield pa.concat_tables(parts)
 
-    out = out_dir / "union.parquet"
+    out = out_dir / f"{UNION}.parquet"
     total = combine_tables(chunks(), out)
-    summary = {"method": "union", "methods": [s["method"] for s in summaries], "rows_out": total,
+    summary = {"method": UNION, "methods": [s["method"] for s in summaries], "rows_out": total,
                "duplicates_dropped": dropped, "run_key": stable_key([s["run_key"] for s in summaries]),
                "output": str(out)}
-    atomic_write_text(out_dir / "union.summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / f"{UNION}.summary.json", json.dumps(summary, indent=2))
     return summary
 
 
 def drop_stale_union(out_dir: Path, method: str) -> None:
     """A union built from an earlier output of `method` no longer matches it: remove it."""
-    path = out_dir / "union.summary.json"
+    path = out_dir / f"{UNION}.summary.json"
     if path.is_file() and method in json.loads(path.read_text()).get("methods", []):
-        (out_dir / "union.parquet").unlink(missing_ok=True)
+        (out_dir / f"{UNION}.parquet").unlink(missing_ok=True)
         path.unlink()
 
 
@@ -96,7 +98,7 @@ def augment(cfg: AugmentConfig) -> list[dict]:
 
 
 def describe(s: dict) -> str:
-    if s["method"] == "union":
+    if s["method"] == UNION:
         return f"union: {s['rows_out']} rows ({s['duplicates_dropped']} shared by methods) -> {s['output']}"
     skipped = sum(s["skipped"].values())
     why = f" {s['skipped']}" if skipped else ""

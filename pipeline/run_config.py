@@ -17,7 +17,7 @@ class CacheConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
     augment_dir: str = "work/augment"  # every <method>.parquet there becomes set "aug-<method>"
     use_augmented: bool = True  # cache the augmented sets found in augment_dir
-    augment_sets: list[str] = field(default_factory=list)  # empty: every set present
+    augment_sets: list[str] = field(default_factory=list)  # empty: every method's set present (not their union)
     cls_layers: str = "all"  # all | none | comma list (0 = embeddings)
     hidden_layers: str = "auto"  # auto = embeddings + 4 evenly spaced | none | comma list
     attention_layers: str = "auto"  # auto = 4 evenly spaced | none | comma list (1-based)

@@ -27,6 +27,7 @@ from data.io import (UserError, atomic_replace_dir, atomic_write_text, check_out
                      sha256_files)
 from data.assets import resolve_model
 from data.prepare import ensure_prepared, load_given_logits, load_split
+from augment.run import UNION
 from data.rows import read_rows, table_fingerprint
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  run_lock, save_plan)
@@ -100,12 +101,14 @@ def _short(x) -> str:
 
 
 def gather_sets(run: RunConfig, data_dir: Path) -> list[tuple[str, pa.Table]]:
-    """The splits asked for, then every augmented set present (set name aug-<method>)."""
+    """The splits asked for, then every augmented set present (set name aug-<method>). augment.run's
+    union.parquet holds the methods' own rows again, so it is left out unless `augment_sets` names it: caching it
+    beside them paid the teacher twice for each row, and a student reading every aug-* set saw each row twice."""
     sets = [(split, load_split(data_dir, split)) for split in run.cache.splits]
     aug_dir = Path(run.cache.augment_dir)
     if aug_dir.is_dir() and run.cache.use_augmented:
         for path in sorted(aug_dir.glob("*.parquet")):
-            if run.cache.augment_sets and path.stem not in run.cache.augment_sets:
+            if path.stem not in run.cache.augment_sets if run.cache.augment_sets else path.stem == UNION:
                 continue
             sets.append((f"aug-{path.stem}", read_rows(path)))
     if run.cache.max_rows:

@@ -70,15 +70,37 @@ def test_lookup_by_row_id(tiny_cache):
     assert row["row_id"] == rid and row["logits"].shape == (3,)
 
 
+def augmented_rows(source: str, texts: list[str], method: str = "tang") -> pa.Table:
+    """Unlabelled rows as augment.run writes them, sources <source>1, <source>2, ..."""
+    n = len(texts)
+    return pa.Table.from_pydict({
+        "row_id": [make_row_id(source, t) for t in texts], "text": texts, "text_b": [None] * n, "label": [None] * n,
+        "split": ["train"] * n, "source_id": [f"{source}{i + 1}" for i in range(n)], "method": [method] * n,
+        "provenance": [json.dumps({"seed": 1})] * n}, schema=ROW_SCHEMA)
+
+
+def test_union_of_augment_methods_is_not_cached_again(tiny_cache, tmp_path):
+    """augment.run's union.parquet repeats its methods' rows: by default the cache takes each method's set only."""
+    from pipeline.teacher_cache import gather_sets
+
+    run, _ = tiny_cache
+    tang, tiny = augmented_rows("t", ["one row"]), augmented_rows("b", ["two row"], "tinybert")
+    for name, table in (("tang", tang), ("tinybert", tiny), ("union", pa.concat_tables([tang, tiny]))):
+        write_rows(table, tmp_path / f"{name}.parquet")
+
+    def sets(**extra):
+        cfg = tiny_run_config(Path(run.data.out_dir).parent, **{"cache.augment_dir": str(tmp_path), **extra})
+        return [name for name, _ in gather_sets(cfg, Path(run.data.out_dir)) if name.startswith("aug-")]
+
+    assert sets() == ["aug-tang", "aug-tinybert"]
+    assert sets(**{"cache.augment_sets": "[union]"}) == ["aug-union"]
+
+
 def test_rerun_adds_only_new_augmented_rows(tiny_workdir, tiny_cache):
     run, cache_dir = tiny_cache
     before = TeacherCache(cache_dir)
     n_before = len(before)
-    texts = ["this is a brand new augmented [MASK] row", "another unseen sentence about cars"]
-    aug = pa.Table.from_pydict({
-        "row_id": [make_row_id("src", t) for t in texts], "text": texts, "text_b": [None, None],
-        "label": [None, None], "split": ["train", "train"], "source_id": ["src1", "src2"],
-        "method": ["tang", "tang"], "provenance": [json.dumps({"seed": 1})] * 2}, schema=ROW_SCHEMA)
+    aug = augmented_rows("src", ["this is a brand new augmented [MASK] row", "another unseen sentence about cars"])
     write_rows(aug, Path(run.cache.augment_dir) / "tang.parquet")
     summary = build_cache(run)
     assert summary["rows_written"] == 2
@@ -98,12 +120,8 @@ def test_extension_keeps_the_cache_codec_and_reports_where_time_went(tiny_cache,
 
     run, cache_dir = tiny_cache
     shutil.copytree(cache_dir, tmp_path / "cache" / cache_dir.name)
-    texts = ["a row no shard holds yet", "and a second new one"]
-    aug = pa.Table.from_pydict({
-        "row_id": [make_row_id("new", t) for t in texts], "text": texts, "text_b": [None, None],
-        "label": [None, None], "split": ["train", "train"], "source_id": ["n1", "n2"],
-        "method": ["tang", "tang"], "provenance": [None, None]}, schema=ROW_SCHEMA)
-    write_rows(aug, tmp_path / "augment" / "extra.parquet")
+    write_rows(augmented_rows("n", ["a row no shard holds yet", "and a second new one"]),
+               tmp_path / "augment" / "extra.parquet")
     other = tiny_run_config(Path(run.data.out_dir).parent, **{
         "cache.root": str(tmp_path / "cache"), "cache.augment_dir": str(tmp_path / "augment"),
         "cache.zarr_codec": "zstd"})
