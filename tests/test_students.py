@@ -94,8 +94,9 @@ def test_word_student_forward_backward(kind, pair, vocab, glove):
     out = s(batch, want=frozenset({"hidden"}))
     L = batch["word_ids"].size(1) + (batch["word_ids_b"].size(1) if pair else 0)
     emb, enc = out.hidden_states
-    assert emb.shape == (3, L, 50) and enc.shape == (3, L, 300) and out.mask.shape == (3, L)
-    assert out.pooled.shape == (3, 1200 if pair else 300)
+    d = {"bilstm": 300, "textcnn": 1000}[kind]  # 2 directions x 150; 5 widths x 200 maps
+    assert emb.shape == (3, L, 50) and enc.shape == (3, L, d) and out.mask.shape == (3, L)
+    assert out.pooled.shape == (3, 4 * d if pair else d)
     out.logits.square().sum().backward()
     assert s.embedding.weight.grad[vocab.stoi["movie"]].abs().sum() > 0
     assert s.embedding.weight.grad[0].abs().sum() == 0  # <pad> row stays fixed
