@@ -132,6 +132,7 @@ JOBS = {
                                            "overrides": ["epochs=10"]}),
     # TinyBERT's augmentation (MLM + GloVe substitution, 4 samples per training row) beside Tang's rows, and alone
     "abl-hinton-tang-tinybert": ("ablation", {"spec": run("bilstm", "hinton"), "tinybert_samples": 4}),
+    "abl-textcnn-tang-tinybert": ("ablation", {"spec": run("textcnn", "hinton"), "tinybert_samples": 4}),
     "abl-hinton-tinybert-only": ("ablation", {"spec": run("bilstm", "hinton"), "tinybert_samples": 4,
                                               "overrides": ["train_sets=[train,aug-tinybert]"]}),
     # from Kim's maps with the ReLU head (the default before the one below), `hinton`: unigram/bigram filters, less
