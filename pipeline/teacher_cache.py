@@ -22,12 +22,12 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from augment.run import UNION
 from data.config import parse_cli, save_config
 from data.io import (UserError, atomic_replace_dir, atomic_write_text, check_output_dir, pick_device, run_cli,
                      sha256_files)
 from data.assets import resolve_model
 from data.prepare import ensure_prepared, load_given_logits, load_split
-from augment.run import UNION
 from data.rows import read_rows, table_fingerprint
 from pipeline.cache_plan import (cache_lock, clear_plan, load_plan, make_plan, plan_shards, rank_and_world, rows_of,
                                  run_lock, save_plan)
@@ -108,9 +108,9 @@ def gather_sets(run: RunConfig, data_dir: Path) -> list[tuple[str, pa.Table]]:
     aug_dir = Path(run.cache.augment_dir)
     if aug_dir.is_dir() and run.cache.use_augmented:
         for path in sorted(aug_dir.glob("*.parquet")):
-            if path.stem not in run.cache.augment_sets if run.cache.augment_sets else path.stem == UNION:
-                continue
-            sets.append((f"aug-{path.stem}", read_rows(path)))
+            wanted = path.stem in run.cache.augment_sets if run.cache.augment_sets else path.stem != UNION
+            if wanted:
+                sets.append((f"aug-{path.stem}", read_rows(path)))
     if run.cache.max_rows:
         sets = [(name, t.sort_by("row_id").slice(0, run.cache.max_rows)) for name, t in sets]
     return sets
