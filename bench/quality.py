@@ -9,9 +9,12 @@ one runs through the project's entry points, as `make teacher-cache` would. Then
   - the project's students through `python -m trainer.train` with the defaults (what `make student` runs);
   - ablations: the distilled BiLSTM with one setting changed from the defaults.
 Reports mean ± s.d. over seeds of test accuracy (best dev epoch) beside the teacher and the targets.
-Finished runs are kept under work/quality/runs/ and reused, so an interrupted benchmark resumes.
+Finished runs are kept in bench/results/quality-runs/ (committed: a fresh clone reuses them, and its summary
+is rebuilt from them) and reused, so an interrupted benchmark resumes. Each is keyed by its effective settings and
+by the stage one it trained from (the teacher's weights and the cached sets' fingerprints): a teacher fine-tuned
+again to other weights reruns every job instead of mixing results of two teachers.
 
-    python bench/quality.py [seeds=0,1,2] [jobs=2] [threads=1] [stage_one_threads=1] [only=name,...]
+    python bench/quality.py [seeds=0,1,2] [jobs=2] [threads=1] [stage_one_threads=2] [only=name,...]
                             [groups=main,ablation] [stage_one=reuse]
 
 stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only). A job
@@ -45,6 +48,7 @@ from data import assets  # noqa: E402
 from data.io import atomic_write_text  # noqa: E402
 
 WORK = ROOT / "work" / "quality"
+RUNS = ROOT / "bench" / "results" / "quality-runs"  # committed: results outlive the machine that computed them
 CONFIG = "configs/quality.yaml"
 SPLIT = {"train": 8000, "dev": 3800, "test": 3800}
 TANG_N_ITER = 4  # the benchmark's augmentation; a job's `tang_n_iter` trains from a second cache instead
@@ -152,6 +156,8 @@ JOBS = {
                                                      loss_params={"t": 2.0, "layer_map": [[1, 6]]})}),
     "abl-textcnn-300-epochs-10": ("ablation", {"spec": run("textcnn", "hinton", student_params={**KIM, "num_filters": 300}),
                                                "overrides": ["epochs=10"]}),
+    "abl-smallbert-lr-1e-4": ("ablation", {"spec": run("smallbert", "hinton", epochs=3, lr=1e-4,
+                                                     student_params={"source": TEACHER, "num_layers": 2})}),
     "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={**KIM, "mlp_hidden": 0},
                                                         loss_params={"class_mean": True})}),
 }
@@ -221,10 +227,21 @@ RECIPE = ("use_augmented", "train_sets", "label_budget", "epochs", "batch_size",
           "oov_min_freq", "oov_std")
 
 
+def stage_one_identity() -> dict | None:
+    """The teacher and split every cache of this benchmark shares, as a built cache's manifest names them: the
+    teacher's weights and the train/dev/test fingerprints (augmented sets follow from the job's settings). None
+    before any cache is built."""
+    for manifest in sorted((WORK / "cache").glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        return {"teacher": m["teacher"]["weights_sha256"],
+                "splits": {name: m["sets"][name].get("fingerprint") for name in SPLIT if name in m["sets"]}}
+    return None
+
+
 def job_key(name: str) -> str:
-    """What a kept result was computed from: a reference's script bytes, or a project run's effective settings
-    (trainer recipe, student config and loss params: today's defaults with the job's own values on top). A
-    changed default reruns the jobs it reaches and keeps the rest."""
+    """What a kept result was computed from: the stage one it read (stage_one_identity), and a reference's script
+    bytes or a project run's effective settings (trainer recipe, student config and loss params: today's defaults
+    with the job's own values on top). A changed default reruns the jobs it reaches and keeps the rest."""
     job = JOBS[name][1]
     if "reference" in job:
         material = {"job": job, "script": hashlib.sha256((ROOT / "bench" / "reference_bilstm.py").read_bytes()).hexdigest()}
@@ -246,6 +263,7 @@ def job_key(name: str) -> str:
             material["tang_n_iter"] = job["tang_n_iter"]
         if job.get("tinybert_samples"):
             material["tinybert_samples"] = job["tinybert_samples"]
+    material["stage_one"] = stage_one_identity()
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -253,11 +271,11 @@ def same_settings(name: str, seed: int) -> dict | None:
     """A kept result of another job with the very same effective settings and seed (an ablation that a new
     default turned into the defaults), kept again under this job's name; None if there is none."""
     key = job_key(name)
-    for path in sorted((WORK / "runs").glob("*.json")):  # stale ones too: kept under an earlier default
+    for path in sorted(RUNS.glob("*.json")):  # stale ones too: kept under an earlier default
         other = json.loads(path.read_text())
         if other.get("key") == key and other.get("seed") == seed and other.get("job") != name:
             result = {**other, "job": name, "same_as": other["job"]}
-            atomic_write_text(WORK / "runs" / f"{name}-s{seed}.json", json.dumps(result, indent=2))
+            atomic_write_text(RUNS / f"{name}-s{seed}.json", json.dumps(result, indent=2))
             print(f"{name} seed {seed}: same settings as {other['job']}, its result is reused")
             return result
     return None
@@ -266,7 +284,7 @@ def same_settings(name: str, seed: int) -> dict | None:
 def kept_result(name: str, seed: int) -> dict | None:
     """The kept result of (job, seed) if it was computed from today's settings (a stale one is set aside), else
     one of another job with the same settings."""
-    done = WORK / "runs" / f"{name}-s{seed}.json"
+    done = RUNS / f"{name}-s{seed}.json"
     if done.is_file():
         result = json.loads(done.read_text())
         if result.get("key") == job_key(name):
@@ -278,11 +296,11 @@ def kept_result(name: str, seed: int) -> dict | None:
 
 
 def run_job(py: str, name: str, seed: int, threads: int) -> dict:
-    """One training (kept under work/quality/runs/, keyed by job_key); returns its result dict."""
+    """One training (kept under RUNS, keyed by job_key); returns its result dict."""
     kept = kept_result(name, seed)
     if kept:
         return kept
-    done = WORK / "runs" / f"{name}-s{seed}.json"
+    done = RUNS / f"{name}-s{seed}.json"
     _, job = JOBS[name]
     env = threads_env(threads)
     cache = cache_dir(*variant(job))
@@ -315,7 +333,7 @@ def summarise(results: list[dict], teacher: float | None) -> dict:
         rows[name] = {"group": JOBS[name][0], "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
                       "test_mean": statistics.mean(acc), "test_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                       "dev_mean": statistics.mean(dev), "test": acc,
-                      "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in rs)}
+                      "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in rs), "key": rs[0]["key"]}
     targets = []
     for job, gap, ref in TARGETS:
         base = teacher if ref == "teacher" else rows.get(ref, {}).get("test_mean")
@@ -362,14 +380,15 @@ def main(argv: list[str]) -> None:
         if opts.get("stage_one") == "reuse" and built:  # a cache with a pending plan was cut short: finish it
             print(f"stage_one=reuse: training from the cache already at {cache_dir(*aug)}")
         else:
-            stage_one(py, int(opts.get("stage_one_threads", 1)), *aug)
+            stage_one(py, int(opts.get("stage_one_threads", 2)), *aug)
     work = [(n, s) for s in seeds for n in names]  # seed by seed: a cut-short invocation still compares like with like
     with ThreadPoolExecutor(int(opts.get("jobs", 2))) as pool:
         results = list(pool.map(lambda job: run_job(py, *job, int(opts.get("threads", 1))), work))
-    kept = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*.json")) if ".stale-" not in p.name]
+    kept = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json")) if ".stale-" not in p.name]
     done = [r for r in kept if r["job"] in JOBS and r.get("key") == job_key(r["job"])]  # earlier invocations too
     teacher = next((r["teacher_test_accuracy"] for r in done if r.get("teacher_test_accuracy") is not None), None)
     summary = summarise(done, teacher)
+    summary["stage_one"] = stage_one_identity()
     summary["invocation"] = {"jobs": names, "seeds": seeds, "wall_seconds": round(time.time() - t0, 1),
                              "new_runs": len(results)}
     out = Path(opts.get("out", ROOT / "bench" / "results" / "quality.json"))
