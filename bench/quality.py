@@ -158,6 +158,8 @@ JOBS = {
                                                "overrides": ["epochs=10"]}),
     "abl-smallbert-lr-1e-4": ("ablation", {"spec": run("smallbert", "hinton", epochs=3, lr=1e-4,
                                                      student_params={"source": TEACHER, "num_layers": 2})}),
+    "abl-smallbert-lr-5e-5": ("ablation", {"spec": run("smallbert", "hinton", epochs=3, lr=5e-5,  # the old default
+                                                     student_params={"source": TEACHER, "num_layers": 2})}),
     "abl-textcnn-class-mean": ("ablation", {"spec": run("textcnn", "tang_mse", student_params={**KIM, "mlp_hidden": 0},
                                                         loss_params={"class_mean": True})}),
 }

@@ -35,7 +35,7 @@ class RunSpec:
     loss_params: dict = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)  # empty: the loss's own schedule (one stage, or TinyBERT's two)
     epochs: int = 0  # 0: TrainConfig.epochs
-    lr: float = 0.0  # 0: the student's default_lr (BiLSTM 2e-3, TextCNN 1e-3, small-BERT 5e-5)
+    lr: float = 0.0  # 0: the student's default_lr (BiLSTM 2e-3, TextCNN 1e-3, small-BERT 1e-4)
     overrides: dict = field(default_factory=dict)  # TrainConfig settings of this run only (seed, label_budget, ...)
 
 

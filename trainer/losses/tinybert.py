@@ -110,7 +110,7 @@ class DistillStage:
 
     loss: str
     epochs: int
-    lr: float = 0.0  # 0: the student's default_lr (BiLSTM 2e-3, TextCNN 1e-3, small-BERT 5e-5), as RunSpec.lr
+    lr: float = 0.0  # 0: the student's default_lr (BiLSTM 2e-3, TextCNN 1e-3, small-BERT 1e-4), as RunSpec.lr
     params: dict = field(default_factory=dict)  # the loss's parameters (a one-stage run adds the run's loss_params)
 
 
