@@ -129,10 +129,19 @@ def stage_one(py: str, threads: int, n_iter: int, tinybert: int) -> None:
         f"cache.augment_dir={aug}"], env)  # fine-tunes the teacher unless it is
 
 
-# the trainer settings a project run inherits when its job leaves them alone (operational ones left out)
-RECIPE = ("use_augmented", "train_sets", "label_budget", "epochs", "batch_size", "weight_decay", "schedule",
-          "warmup_ratio", "shuffle_rows", "bucket_by_length", "grad_clip", "patience", "embeddings", "min_freq",
-          "oov_min_freq", "oov_std")
+# the trainer settings a project run inherits when its job leaves them alone: every TrainConfig field but these
+# (what the benchmark sets itself per run, and those that change nothing a run learns), so a new field is keyed
+OPERATIONAL = frozenset({"cache", "cache2", "students", "losses", "runs", "seeds", "sweep", "dev_set", "test_set",
+                         "seed", "workers", "verify", "device", "out_dir", "resume", "on_change", "log_every",
+                         "checkpoint_every", "max_steps_per_epoch", "measure_latency", "baseline", "tensorboard",
+                         "together"})
+# trainer settings added after runs were kept, with the value those runs trained with: keyed only where a job's
+# value differs from it
+ADDED_LATER = {"ema_decay": 0.0}
+
+
+def _keyed(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
 def stage_one_identity() -> dict | None:
@@ -163,7 +172,7 @@ def job_key(name: str) -> str:
         train = dataclasses.asdict(load_config(TrainConfig, None, job.get("overrides", [])))  # typed as the CLI does
         lr = spec.get("lr") or STUDENTS[spec["student"]].default_lr  # the peak lr the run trains with
         material = {"run": {**{k: spec.get(k) for k in ("student", "loss", "epochs")}, "lr": lr},
-                    "train": {k: train[k] for k in RECIPE},
+                    "train": _keyed({k: v for k, v in train.items() if k not in OPERATIONAL}),
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
                                 **spec.get("student_params", {})},
                     "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import trainer.steps
 from data.io import run_cli
@@ -152,6 +153,7 @@ def test_unknown_loss_is_one_line_from_the_real_command(tiny_cache, tmp_path):
     (["runs=[{student: bilstm, loss: hinton, epochs: -2}]"], "run bilstm-hinton: epochs=-2, lr=0.0 (must be >= 0"),
     (["runs=[{student: bilstm, loss: hinton, lr: -0.1}]"], "run bilstm-hinton: epochs=0, lr=-0.1 (must be >= 0"),
     (["runs=[{student: bilstm, loss: hinton, loss_params: {tt: 2}}]"], "unknown key(s) ['tt']"),
+    (["ema_decay=1"], "ema_decay=1.0 (must be in [0, 1))"),
     (["on_change=keep"], "on_change=keep (must be one of new, refuse, overwrite)"),
     (["verify=sometimes"], "verify=sometimes (must be true, false or full)"),
     (["device=cuda"], "device=cuda asked for, but no CUDA GPU"),
@@ -195,6 +197,13 @@ def test_signal_mid_epoch_resumes_to_the_same_student(base_run, tmp_path, capsys
     """A real signal right after step 2's checkpoint; the same command then ends where an uninterrupted run
     does, byte for byte."""
     cache_dir, base = base_run
+    interrupted_then_resumed(capsys, monkeypatch, request, cache_dir, tmp_path, signum, code)
+    final = "textcnn-hinton/checkpoint-stage0/model.safetensors"
+    assert (tmp_path / final).read_bytes() == (base / final).read_bytes()
+
+
+def interrupted_then_resumed(capsys, monkeypatch, request, cache_dir, out, signum, code, *extra) -> None:
+    """A real signal right after step 2's checkpoint, then the same command again."""
     # a suite started as a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C does not
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
@@ -206,10 +215,28 @@ def test_signal_mid_epoch_resumes_to_the_same_student(base_run, tmp_path, capsys
             os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(trainer.steps, "save_checkpoint", save_then_signal)
-    got, _, err = cli(capsys, cache_dir, tmp_path)
+    got, _, err = cli(capsys, cache_dir, out, *extra)
     assert got == code and "run the same command again to resume" in one_error_line(err)
     monkeypatch.undo()
-    got, stdout, _ = cli(capsys, cache_dir, tmp_path)
+    got, stdout, _ = cli(capsys, cache_dir, out, *extra)
     assert got == 0 and "resuming stage 1 at epoch 1, 2 batches into it" in stdout
-    final = "textcnn-hinton/checkpoint-stage0/model.safetensors"
-    assert (tmp_path / final).read_bytes() == (base / final).read_bytes()
+
+
+def test_weight_average_is_the_best_student_and_resumes(tiny_cache, tmp_path, capsys, monkeypatch, request):
+    """ema_decay: best/ holds the moving average, not the last weights, and an interrupted run resumes its
+    average to the same bytes as an uninterrupted one."""
+    _, cache_dir = tiny_cache
+    assert cli(capsys, cache_dir, tmp_path / "whole", "ema_decay=0.5")[0] == 0
+    interrupted_then_resumed(capsys, monkeypatch, request, cache_dir, tmp_path / "resumed", signal.SIGTERM, 143,
+                             "ema_decay=0.5")
+    files = ["best/model.safetensors", "checkpoint-stage0/average.safetensors"]
+    whole, resumed = ([(out / "textcnn-hinton" / f).read_bytes() for f in files] for out in
+                      (tmp_path / "whole", tmp_path / "resumed"))
+    assert whole == resumed
+    run = tmp_path / "whole" / "textcnn-hinton"
+    best, last = (load_file(str(run / f)) for f in ("best/model.safetensors", "checkpoint-stage0/model.safetensors"))
+    average = {k.removeprefix("module."): v for k, v in
+               load_file(str(run / "checkpoint-stage0/average.safetensors")).items() if k.startswith("module.")}
+    assert best.keys() == average.keys() == last.keys()
+    assert all(torch.equal(best[k], average[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)

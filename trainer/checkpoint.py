@@ -1,8 +1,9 @@
 """Resumable training checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
-A checkpoint folder holds model + optimizer tensors (model.safetensors, optim.safetensors)
-and state.json (epoch, step, loader position, the Python/NumPy/torch/CUDA RNG states, scheduler,
-best score, the run key). Checkpoints and best/ are written to `<name>.tmp` and swapped in by
+A checkpoint folder holds model + optimizer tensors (model.safetensors, optim.safetensors;
+average.safetensors for a run that keeps a moving average of its weights) and state.json
+(epoch, step, loader position, the Python/NumPy/torch/CUDA RNG states, scheduler, best score,
+the run key). Checkpoints and best/ are written to `<name>.tmp` and swapped in by
 renames, so a crash or a full disk leaves the previous one whole; a checkpoint of another run
 (another key: other settings or another cache) is never loaded.
 """
@@ -87,10 +88,16 @@ def recover_swaps(folder: Path) -> None:
             os.replace(old, final)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: dict, key: str) -> None:
+def _weights(model: torch.nn.Module) -> dict:
+    return _dedupe({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: dict, key: str, average=None) -> None:
+    """`average`: the run's torch.optim.swa_utils.AveragedModel, or None."""
     with _swapped_in(path) as tmp:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(_dedupe(weights), str(tmp / "model.safetensors"))
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        if average is not None:
+            save_file(_weights(average), str(tmp / "average.safetensors"))
         tensors, meta = _flatten_optimizer(opt)
         save_file(tensors, str(tmp / "optim.safetensors"))
         full = {**state, "run_key": key, "optimizer": meta, "scheduler": sched.state_dict() if sched else None,
@@ -116,9 +123,9 @@ def _dedupe(tensors: dict) -> dict:
     return out
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, key: str) -> dict | None:
-    """Restore in place; returns the saved state dict, or None when there is no checkpoint. A checkpoint
-    saved under another run key is refused before anything of it is loaded."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, key: str, average=None) -> dict | None:
+    """Restore in place (`average` too, when given); returns the saved state dict, or None when there is no
+    checkpoint. A checkpoint saved under another run key is refused before anything of it is loaded."""
     if not (path / "state.json").is_file():
         return None
     state = json.loads((path / "state.json").read_text())
@@ -132,6 +139,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, key: str) ->
         raise UserError(f"{path} holds a student of another shape ({', '.join(changed[:3]) or 'other parameters'}; "
                         "the vocabulary or the code changed since): delete it, or train with resume=false")
     model.load_state_dict(weights)
+    if average is not None:  # the run key holds ema_decay: a checkpoint of this run has its average
+        average.load_state_dict(load_file(str(path / "average.safetensors")))
     _restore_optimizer(opt, load_file(str(path / "optim.safetensors")), state["optimizer"])
     if sched is not None and state.get("scheduler"):
         sched.load_state_dict(state["scheduler"])

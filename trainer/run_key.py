@@ -59,6 +59,7 @@ def _bad_settings(cfg) -> list[str]:
     bad += [f"{k}={getattr(cfg, k)} (must be >= 0)" for k in NOT_NEGATIVE if getattr(cfg, k) < 0]
     bad += [f"{k}={getattr(cfg, k)} (must be > 0)" for k in ("grad_clip",) if getattr(cfg, k) <= 0]
     bad += [f"warmup_ratio={cfg.warmup_ratio} (must be in [0, 1])"] if not 0 <= cfg.warmup_ratio <= 1 else []
+    bad += [f"ema_decay={cfg.ema_decay} (must be in [0, 1))"] if not 0 <= cfg.ema_decay < 1 else []
     bad += [f"on_change={cfg.on_change} (must be one of {', '.join(ON_CHANGE)})"] if cfg.on_change not in ON_CHANGE else []
     bad += [f"verify={cfg.verify} (must be true, false or full)"] if cfg.verify not in (True, False, "full") else []
     return bad

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data.config import save_config
 from data.faults import crash_point
@@ -108,6 +109,11 @@ class StageJob:
     start_epoch: int = 0
     resume: dict | None = None  # the stream position a mid-epoch checkpoint saved
     curves: object = None  # rank 0's TensorBoard writer (trainer/curves.py)
+    average: AveragedModel | None = None  # the moving average of the weights (ema_decay > 0)
+
+    def judged(self, student: torch.nn.Module) -> torch.nn.Module:
+        """The weights dev, best/ and test see: the average when the run keeps one."""
+        return self.average.module if self.average is not None else student
 
 
 def set_up(run, cfg, encoders: dict | None = None) -> RunState:
@@ -161,7 +167,9 @@ def start_stage(state: RunState, si: int, stream: CacheStream) -> StageJob:
     steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
     opt, sched = optimizer(state.model, stage.lr, cfg, steps * stage.epochs)
     job = StageJob(si, stage, state.specs[si], params, opt, sched, steps, state.out / f"checkpoint-stage{si}")
-    saved = load_checkpoint(job.ckpt, state.student, opt, sched, state.key) if cfg.resume else None
+    if cfg.ema_decay:  # each stage averages its own steps: a TinyBERT prediction stage starts from stage 1's end
+        job.average = AveragedModel(state.student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    saved = load_checkpoint(job.ckpt, state.student, opt, sched, state.key, job.average) if cfg.resume else None
     state.stale = 0
     if saved:
         job.start_epoch, job.resume = saved["epoch"], saved["stream"]
@@ -177,7 +185,7 @@ def save_stage(state: RunState, job: StageJob, epoch: int, consumed: dict) -> No
     """The stage's checkpoint: weights, optimizer, schedule, RNGs, and the stream position `consumed`."""
     save_checkpoint(job.ckpt, state.student, job.opt, job.sched,
                     {"epoch": epoch, "stream": consumed, "best": state.best, "history": state.history,
-                     "global_step": state.global_step, "stale": state.stale}, state.key)
+                     "global_step": state.global_step, "stale": state.stale}, state.key, job.average)
 
 
 def train_step(state: RunState, job: StageJob, batch: dict, epoch: int, consumed: dict) -> float:
@@ -195,6 +203,8 @@ def train_step(state: RunState, job: StageJob, batch: dict, epoch: int, consumed
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
     job.opt.step()
     job.sched.step()
+    if job.average is not None:
+        job.average.update_parameters(state.student)
     state.global_step += 1
     if state.world == 1 and cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
         save_stage(state, job, epoch, consumed)
@@ -212,7 +222,7 @@ def end_epoch(state: RunState, job: StageJob, epoch: int, loss: float, seconds: 
     whether the run stops early (`patience` final-stage epochs without a better dev accuracy)."""
     cfg, final, stop = state.cfg, job.index == len(state.stages) - 1, False
     if state.lead:
-        dev = evaluate(state.student, cfg.cache, [cfg.dev_set], state.eval_fields, state.encode,
+        dev = evaluate(job.judged(state.student), cfg.cache, [cfg.dev_set], state.eval_fields, state.encode,
                        state.cache.num_labels, state.device)
         record = {"stage": job.index + 1, "epoch": epoch + 1, "train_loss": loss, "epoch_seconds": round(seconds, 2),
                   **{f"dev_{k}": v for k, v in dev.items()}}
@@ -225,7 +235,7 @@ def end_epoch(state: RunState, job: StageJob, epoch: int, loss: float, seconds: 
         if final and (state.best is None or dev["accuracy"] > state.best["dev_accuracy"]):
             state.best, state.stale = {"stage": job.index + 1, "epoch": epoch + 1, "dev_accuracy": dev["accuracy"],
                                        "dev_macro_f1": dev["macro_f1"]}, 0
-            save_best(state.student, state.out / "best", state.cache.label_names)
+            save_best(job.judged(state.student), state.out / "best", state.cache.label_names)
         elif final:
             state.stale += 1
         save_stage(state, job, epoch + 1, {})

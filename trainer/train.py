@@ -62,6 +62,8 @@ class TrainConfig:
     #                        16,384 rows for stages reading token-level fields (hidden/attention/values)
     bucket_by_length: bool = False  # length-homogeneous batches: ~20% faster epochs, lower accuracy
     grad_clip: float = 5.0
+    ema_decay: float = 0.0  # >0: dev, best/ and test use an exponential moving average of the weights (Polyak),
+    #                         updated every step with this decay; 0: the weights as trained (docs/methods.md)
     patience: int = 3  # epochs without a better dev accuracy before stopping
     seed: int = 0
     embeddings: str = "glove50"  # word students: glove50 (shipped) or a GloVe/word2vec file
