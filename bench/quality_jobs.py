@@ -87,6 +87,17 @@ JOBS = {
                                                      loss_params={"t": 2.0, "layer_map": [[1, 6]]})}),
     "abl-textcnn-300-epochs-10": ("ablation", {"spec": run("textcnn", "hinton", student_params={**KIM, "num_filters": 300}),
                                                "overrides": ["epochs=10"]}),
+    # the distilled BiLSTM (hinton, Tang rows) one setting at a time: all weight on the teacher's soft targets;
+    # more or no dropout on the sentence features and the MLP; dev and test on a moving average of the weights;
+    # half the batch; a softer temperature; GloVe rows kept as they are (frozen embeddings)
+    "abl-hinton-alpha-1": ("ablation", {"spec": run("bilstm", "hinton", loss_params={"alpha": 1.0})}),
+    "abl-hinton-dropout-0.3": ("ablation", {"spec": run("bilstm", "hinton", student_params={"dropout": 0.3})}),
+    "abl-hinton-ema-0.998": ("ablation", {"spec": run("bilstm", "hinton"), "overrides": ["ema_decay=0.998"]}),
+    "abl-hinton-dropout-0": ("ablation", {"spec": run("bilstm", "hinton", student_params={"dropout": 0.0})}),
+    "abl-hinton-batch-32": ("ablation", {"spec": run("bilstm", "hinton"), "overrides": ["batch_size=32"]}),
+    "abl-hinton-t-4": ("ablation", {"spec": run("bilstm", "hinton", loss_params={"t": 4.0})}),
+    "abl-hinton-frozen-embeddings": ("ablation", {"spec": run("bilstm", "hinton",
+                                                             student_params={"freeze_embeddings": True})}),
     "abl-smallbert-lr-1e-4": ("ablation", {"spec": run("smallbert", "hinton", epochs=3, lr=1e-4,
                                                      student_params={"source": TEACHER, "num_layers": 2})}),
     "abl-smallbert-lr-5e-5": ("ablation", {"spec": run("smallbert", "hinton", epochs=3, lr=5e-5,  # the old default
