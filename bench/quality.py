@@ -5,7 +5,8 @@ One run, the same rows for everybody: the tweet corpus as a user's own Parquet f
 fine-tuned 2 epochs, Tang augmentation (n_iter 4), one logits + [CLS] cache (configs/quality.yaml). Stage
 one runs through the project's entry points, as `make teacher-cache` would. Then, per seed:
   - bench/reference_bilstm.py, a plain PyTorch BiLSTM that imports nothing from the project and reads the
-    cache's Arrow shards with pyarrow (plain: gold rows; distil: train + Tang rows, CE + logit MSE);
+    cache's Arrow shards with pyarrow (plain: gold rows; distil: train + Tang rows, CE + logit MSE; textbrewer:
+    the same model and rows distilled by TextBrewer 0.2.1, installed apart under work/quality/textbrewer);
   - the project's students through `python -m trainer.train` with the defaults (what `make student` runs);
   - ablations: the distilled BiLSTM with one setting changed from the defaults.
 Reports mean ± s.d. over seeds of test accuracy (best dev epoch) beside the teacher and the targets. The jobs
@@ -111,8 +112,20 @@ def make_split(path: Path, seed: int = 0) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+TEXTBREWER = "textbrewer==0.2.1"  # an outside reference only: never a dependency of the project
+
+
 def threads_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def textbrewer_path(py: str) -> Path:
+    """TextBrewer in a folder of its own (pip --target, no deps: it runs on the venv's torch), put on PYTHONPATH
+    for the reference that uses it and nowhere else."""
+    target = WORK / "textbrewer"
+    if not (target / "textbrewer").is_dir():
+        sh([py, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), TEXTBREWER], dict(os.environ))
+    return target
 
 
 def stage_one(py: str, threads: int, n_iter: int, tinybert: int) -> None:
@@ -162,6 +175,8 @@ def job_key(name: str) -> str:
     job = JOBS[name][1]
     if "reference" in job:
         material = {"job": job, "script": hashlib.sha256((ROOT / "bench" / "reference_bilstm.py").read_bytes()).hexdigest()}
+        if job["reference"] == "textbrewer":
+            material["library"] = TEXTBREWER
     else:
         from data.config import load_config
         from trainer.losses import get_loss
@@ -226,6 +241,8 @@ def run_job(py: str, name: str, seed: int, threads: int) -> dict:
     if "reference" in job:
         emb, index = assets.glove_paths()
         out_dir.mkdir(parents=True, exist_ok=True)
+        if job["reference"] == "textbrewer":
+            env["PYTHONPATH"] = str(textbrewer_path(py))
         sh([py, "bench/reference_bilstm.py", str(cache), str(emb), str(index), "--mode", job["reference"],
             "--seed", str(seed), "--out", str(out_dir / "result.json")], env)
         result = json.loads((out_dir / "result.json").read_text())

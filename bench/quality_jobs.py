@@ -21,6 +21,7 @@ JOBS = {
     "reference-bilstm-plain": ("main", {"reference": "plain"}),
     "bilstm-ce": ("main", {"spec": run("bilstm", "ce")}),
     "reference-bilstm-distil": ("main", {"reference": "distil"}),
+    "reference-bilstm-textbrewer": ("main", {"reference": "textbrewer"}),
     "bilstm-tang_mse": ("main", {"spec": run("bilstm", "tang_mse")}),
     "bilstm-hinton": ("main", {"spec": run("bilstm", "hinton")}),
     "textcnn-ce": ("main", {"spec": run("textcnn", "ce")}),
@@ -106,7 +107,8 @@ JOBS = {
                                                         loss_params={"class_mean": True})}),
 }
 # target: (job, allowed gap below the reference, reference) — reference "teacher" or a job name
-TARGETS = [("bilstm-ce", 0.0, "reference-bilstm-plain"), ("bilstm-tang_mse", 0.015, "teacher"),
+TARGETS = [("bilstm-ce", 0.0, "reference-bilstm-plain"), ("bilstm-hinton", 0.0, "reference-bilstm-distil"),
+           ("bilstm-hinton", 0.0, "reference-bilstm-textbrewer"), ("bilstm-tang_mse", 0.015, "teacher"),
            ("bilstm-hinton", 0.015, "teacher"), ("abl-hinton-hidden-300", 0.015, "teacher"),
            ("textcnn-tang_mse", 0.025, "teacher"), ("textcnn-hinton", 0.025, "teacher"),
            ("smallbert-hinton", 0.01, "teacher")]
