@@ -142,12 +142,10 @@ def stage_one(py: str, threads: int, n_iter: int, tinybert: int) -> None:
         f"cache.augment_dir={aug}"], env)  # fine-tunes the teacher unless it is
 
 
-# the trainer settings a project run inherits when its job leaves them alone: every TrainConfig field but these
-# (what the benchmark sets itself per run, and those that change nothing a run learns), so a new field is keyed
-OPERATIONAL = frozenset({"cache", "cache2", "students", "losses", "runs", "seeds", "sweep", "dev_set", "test_set",
-                         "seed", "workers", "verify", "device", "out_dir", "resume", "on_change", "log_every",
-                         "checkpoint_every", "max_steps_per_epoch", "measure_latency", "baseline", "tensorboard",
-                         "together"})
+# the trainer settings a project run inherits when its job leaves them alone: every TrainConfig field (so a new one
+# is keyed) but those the trainer's own run key leaves out (trainer/run_key.py UNKEYED; `epochs` is keyed here, as
+# the trainer keys it through its stages) and these, which the benchmark sets per run or never changes
+BENCH_SET = frozenset({"seed", "dev_set", "workers", "max_steps_per_epoch"})
 # trainer settings added after runs were kept, with the value those runs trained with: keyed only where a job's
 # value differs from it
 ADDED_LATER = {"ema_decay": 0.0}
@@ -180,14 +178,16 @@ def job_key(name: str) -> str:
     else:
         from data.config import load_config
         from trainer.losses import get_loss
+        from trainer.run_key import UNKEYED
         from trainer.students import STUDENTS
         from trainer.train import TrainConfig
 
         spec = job["spec"]
+        left_out = (UNKEYED - {"epochs"}) | BENCH_SET
         train = dataclasses.asdict(load_config(TrainConfig, None, job.get("overrides", [])))  # typed as the CLI does
         lr = spec.get("lr") or STUDENTS[spec["student"]].default_lr  # the peak lr the run trains with
         material = {"run": {**{k: spec.get(k) for k in ("student", "loss", "epochs")}, "lr": lr},
-                    "train": _keyed({k: v for k, v in train.items() if k not in OPERATIONAL}),
+                    "train": _keyed({k: v for k, v in train.items() if k not in left_out}),
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
                                 **spec.get("student_params", {})},
                     "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}
