@@ -21,7 +21,9 @@ again to other weights reruns every job instead of mixing results of two teacher
 
 stage_one=reuse trains from the cache an earlier invocation built (after a change to stage-two code only). A job
 with `tang_n_iter` trains from a second cache of the same teacher and split with that many Tang rounds; one with
-`tinybert_samples` from a cache that adds that many TinyBERT-augmented rows per training row.
+`tinybert_samples` from a cache that adds that many TinyBERT-augmented rows per training row; one with `layers`
+("fp16" or "int8") from a cache of the gold rows only that also stores the token-level fields the small-BERT methods
+read (hidden states, pre-softmax attention, values), as fp16 or as `cache.quantize=int8` (issue 14).
 
 jobs runs that many trainings at once (each with `threads` torch threads); a 2-core machine gets more from
 two 1-thread LSTMs than from one 2-thread one. Results: bench/results/quality.json and quality.md.
@@ -57,20 +59,32 @@ SPLIT = {"train": 8000, "dev": 3800, "test": 3800}
 TANG_N_ITER = 4  # the benchmark's augmentation; a job's `tang_n_iter` trains from a second cache instead
 
 
-def variant(job: dict) -> tuple[int, int]:
-    """A job's augmentation: (Tang n_iter, TinyBERT samples per training row; 0 = no TinyBERT rows)."""
-    return job.get("tang_n_iter", TANG_N_ITER), job.get("tinybert_samples", 0)
+# a layered cache (gold rows only): embeddings and the layers a 2-layer student maps to (uniform map: 3, 6), the
+# attention of those layers and the last layer's values: TinyBERT, DistilBERT and MiniLM read nothing else
+LAYERED = ["cache.use_augmented=false", "cache.hidden_layers=0,3,6", "cache.attention_layers=3,6",
+           "cache.store_values=true"]
 
 
-def _suffix(n_iter: int, tinybert: int) -> str:
+def variant(job: dict) -> tuple[int, int, str]:
+    """A job's cache: (Tang n_iter, TinyBERT samples per training row (0 = none), token-level storage ("" = logits
+    + [CLS] only; "fp16" / "int8" = the layered cache of gold rows))."""
+    if job.get("layers"):
+        return 0, 0, job["layers"]
+    return job.get("tang_n_iter", TANG_N_ITER), job.get("tinybert_samples", 0), ""
+
+
+def _suffix(n_iter: int, tinybert: int, layers: str = "") -> str:
+    if layers:
+        return f"-layers-{layers}"
     if (n_iter, tinybert) == (TANG_N_ITER, 0):
         return ""
     return f"-tang{n_iter}" + (f"-tinybert{tinybert}" if tinybert else "")
 
 
-def cache_dir(n_iter: int = TANG_N_ITER, tinybert: int = 0) -> Path:
-    """The cache a job trains from: the same teacher and split, Tang rows of this n_iter (+ TinyBERT rows)."""
-    return WORK / "cache" / f"minilm-tweets{_suffix(n_iter, tinybert)}"
+def cache_dir(n_iter: int = TANG_N_ITER, tinybert: int = 0, layers: str = "") -> Path:
+    """The cache a job trains from: the same teacher and split, Tang rows of this n_iter (+ TinyBERT rows), or the
+    layered cache of gold rows."""
+    return WORK / "cache" / f"minilm-tweets{_suffix(n_iter, tinybert, layers)}"
 
 
 def augment_dir(n_iter: int, tinybert: int = 0) -> str:
@@ -128,11 +142,17 @@ def textbrewer_path(py: str) -> Path:
     return target
 
 
-def stage_one(py: str, threads: int, n_iter: int, tinybert: int) -> None:
+def stage_one(py: str, threads: int, n_iter: int, tinybert: int, layers: str = "") -> None:
     """Split, augmentation (Tang; TinyBERT's MLM + GloVe substitution with `tinybert` samples per row, the same
-    Tang rows beside them) and the teacher cache, through the project's entry points."""
+    Tang rows beside them) and the teacher cache, through the project's entry points; a layered cache skips the
+    augmentation."""
     make_split(WORK / "tweets-split.parquet")
     env = threads_env(threads)
+    if layers:
+        quantize = ["cache.quantize=int8"] if layers == "int8" else []
+        sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG, f"cache.name={cache_dir(0, 0, layers).name}",
+            *LAYERED, *quantize], env)
+        return
     aug = augment_dir(n_iter, tinybert)
     methods = ["methods=[tang,tinybert]", f"tinybert.n_samples={tinybert}"] if tinybert else []
     sh([py, "-m", "pipeline.train_teacher", "--config", CONFIG, "--data-only"], env)
@@ -166,6 +186,16 @@ def stage_one_identity() -> dict | None:
     return None
 
 
+def loss_defaults(loss: str) -> dict:
+    """A loss's default params; a scheduled loss (TinyBERT's two stages): each stage's loss, epochs, lr and params."""
+    from trainer.losses import get_loss
+    from trainer.stages import SCHEDULES
+
+    if loss in SCHEDULES:
+        return {"stages": [{**dataclasses.asdict(stage), **loss_defaults(stage.loss)} for stage in SCHEDULES[loss]()]}
+    return dataclasses.asdict(get_loss(loss).params_cls())
+
+
 def job_key(name: str) -> str:
     """What a kept result was computed from: the stage one it read (stage_one_identity), and a reference's script
     bytes or a project run's effective settings (trainer recipe, student config and loss params: today's defaults
@@ -177,7 +207,6 @@ def job_key(name: str) -> str:
             material["library"] = TEXTBREWER
     else:
         from data.config import load_config
-        from trainer.losses import get_loss
         from trainer.run_key import UNKEYED
         from trainer.students import STUDENTS
         from trainer.train import TrainConfig
@@ -190,11 +219,13 @@ def job_key(name: str) -> str:
                     "train": _keyed({k: v for k, v in train.items() if k not in left_out}),
                     "student": {**dataclasses.asdict(STUDENTS[spec["student"]].config_class()),
                                 **spec.get("student_params", {})},
-                    "loss": {**dataclasses.asdict(get_loss(spec["loss"]).params_cls()), **spec.get("loss_params", {})}}
+                    "loss": {**loss_defaults(spec["loss"]), **spec.get("loss_params", {})}}
         if job.get("tang_n_iter", TANG_N_ITER) != TANG_N_ITER:
             material["tang_n_iter"] = job["tang_n_iter"]
         if job.get("tinybert_samples"):
             material["tinybert_samples"] = job["tinybert_samples"]
+        if job.get("layers"):
+            material["layers"] = {"storage": job["layers"], "cache": LAYERED}
     material["stage_one"] = stage_one_identity()
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -282,7 +313,8 @@ def markdown(summary: dict, wall: float) -> str:
     t = summary["teacher_test_accuracy"]
     lines = ["# Student quality (bench/quality.py)\n",
              f"Teacher (MiniLM-L6, fine-tuned 2 epochs): test accuracy {100 * t:.1f}.  " if t else "",
-             f"Split: {SPLIT['train']:,} train / {SPLIT['dev']:,} dev / {SPLIT['test']:,} test tweets; Tang n_iter 4. "
+             f"Split: {SPLIT['train']:,} train / {SPLIT['dev']:,} dev / {SPLIT['test']:,} test tweets; Tang n_iter 4 "
+             "(group int8: gold rows only, from a cache with hidden states, attention and values stored fp16 or int8). "
              f"Student training, all runs: {sum(r['wall_seconds_mean'] * r['n'] for r in summary['runs'].values()) / 60:.0f}"
              f" min of wall time (2 runs at a time, 1 thread each); this invocation: {wall / 60:.1f} min.\n",
              "| run | group | seeds | test acc (mean ± s.d.) | dev acc | Δ vs teacher | min/run |",
