@@ -150,8 +150,8 @@ def stage_one(py: str, threads: int, n_iter: int, tinybert: int, layers: str = "
     env = threads_env(threads)
     if layers:
         quantize = ["cache.quantize=int8"] if layers == "int8" else []
-        sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG, f"cache.name={cache_dir(0, 0, layers).name}",
-            *LAYERED, *quantize], env)
+        sh([py, "-m", "pipeline.teacher_cache", "--config", CONFIG,
+            f"cache.name={cache_dir(n_iter, tinybert, layers).name}", *LAYERED, *quantize], env)
         return
     aug = augment_dir(n_iter, tinybert)
     methods = ["methods=[tang,tinybert]", f"tinybert.n_samples={tinybert}"] if tinybert else []
@@ -313,7 +313,8 @@ def markdown(summary: dict, wall: float) -> str:
     t = summary["teacher_test_accuracy"]
     lines = ["# Student quality (bench/quality.py)\n",
              f"Teacher (MiniLM-L6, fine-tuned 2 epochs): test accuracy {100 * t:.1f}.  " if t else "",
-             f"Split: {SPLIT['train']:,} train / {SPLIT['dev']:,} dev / {SPLIT['test']:,} test tweets; Tang n_iter 4 "
+             f"Split: {SPLIT['train']:,} train / {SPLIT['dev']:,} dev / {SPLIT['test']:,} test tweets; "
+             f"Tang n_iter {TANG_N_ITER} "
              "(group int8: gold rows only, from a cache with hidden states, attention and values stored fp16 or int8). "
              f"Student training, all runs: {sum(r['wall_seconds_mean'] * r['n'] for r in summary['runs'].values()) / 60:.0f}"
              f" min of wall time (2 runs at a time, 1 thread each); this invocation: {wall / 60:.1f} min.\n",
