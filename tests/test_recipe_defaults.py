@@ -1,5 +1,5 @@
 """The student recipe's defaults (issue 15): gold-only `ce` twins beside every distilled run, a full-shuffle
-training stream without length buckets, the schedule switch, max pooling, rare words without a vector as <unk>."""
+training stream without length buckets, the schedule switch, max and mean pooling, rare words without a vector as <unk>."""
 from __future__ import annotations
 
 import torch
@@ -70,8 +70,8 @@ def test_schedules_warm_up_then_decay_or_stay_flat():
     assert linear[99] < 2e-5 and constant[99] == 1e-3
 
 
-def test_bilstm_pools_by_max_by_default():
-    assert BiLSTMConfig().pooling == "max"
+def test_bilstm_pools_by_max_and_mean_by_default():
+    assert BiLSTMConfig().pooling == "max_mean"
 
 
 def test_words_without_a_vector_need_two_occurrences_before_augmentation():

@@ -95,14 +95,17 @@ def test_word_student_forward_backward(kind, pair, vocab, glove):
     L = batch["word_ids"].size(1) + (batch["word_ids_b"].size(1) if pair else 0)
     emb, enc = out.hidden_states
     d = {"bilstm": 300, "textcnn": 1000}[kind]  # 2 directions x 150; 5 widths x 200 maps
+    pooled = {"bilstm": 2 * d, "textcnn": d}[kind]  # the BiLSTM's max and mean over time
     assert emb.shape == (3, L, 50) and enc.shape == (3, L, d) and out.mask.shape == (3, L)
-    assert out.pooled.shape == (3, 4 * d if pair else d)
+    assert out.pooled.shape == (3, 4 * pooled if pair else pooled)
     out.logits.square().sum().backward()
     assert s.embedding.weight.grad[vocab.stoi["movie"]].abs().sum() > 0
     assert s.embedding.weight.grad[0].abs().sum() == 0  # <pad> row stays fixed
 
 
-@pytest.mark.parametrize("kind,cfg", [("bilstm", {"pooling": "last"}), ("bilstm", {"pooling": "max"}), ("textcnn", {})])
+@pytest.mark.parametrize("kind,cfg", [("bilstm", {"pooling": "last"}), ("bilstm", {"pooling": "max"}),
+                                      ("bilstm", {"pooling": "max_mean"}), ("bilstm", {"pooling": "last", "num_layers": 2}),
+                                      ("textcnn", {})])
 def test_word_student_padding_invariant(kind, cfg, vocab):
     torch.manual_seed(0)
     s = build_student(kind, {"num_labels": 2, **cfg}, vocab=vocab, embeddings=torch.randn(len(vocab), 8)).eval()
@@ -110,6 +113,17 @@ def test_word_student_padding_invariant(kind, cfg, vocab):
     together = s(s.encode_texts(texts)).logits
     alone = torch.cat([s(s.encode_texts([t])).logits for t in texts])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_bilstm_max_mean_widths(vocab):
+    """max_mean doubles the sentence vector (max and mean over time); PKD's projection still reads the token states."""
+    s = build_student("bilstm", {"hidden_size": 6, "pooling": "max_mean", "num_layers": 2, "project_to": 16},
+                      vocab=vocab, embeddings=torch.randn(len(vocab), 8))
+    out = s(s.encode_texts(["a terrible film", "fun"]), want=frozenset({"hidden"}))
+    assert out.pooled.shape == (2, 24) and out.hidden_states[-1].shape[-1] == 12
+    assert s.projections["pkd"].in_features == 12 and s.lstm.num_layers == 2
+    with pytest.raises(ValueError, match="pooling"):
+        build_student("bilstm", {"pooling": "mean"}, vocab=vocab, embeddings=torch.randn(len(vocab), 8))
 
 
 def test_pair_student_needs_texts_b(vocab):

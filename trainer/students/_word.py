@@ -1,8 +1,8 @@
 """Shared parts of the word-level students (BiLSTM, TextCNN): embeddings, pairs, batches.
 
 A subclass implements `_sentence(ids, lengths, hidden) -> (vector (B, d), hidden list | None)`
-and calls `_build_head(d, ...)`, where d is the width of its sentence vector and of its top
-token states. With `config.project_to` set (the teacher width d_T), `_build_head` also adds
+and calls `_build_head(d, ...)`, where d is the width of its sentence vector and (unless `token_dim` says
+otherwise) of its top token states. With `config.project_to` set (the teacher width d_T), `_build_head` also adds
 `projections["pkd"] = Linear(d, d_T)`: the learned map PKD / dynakd_supervision use to compare
 the student's (masked-mean) token states with the teacher's [CLS] states.
 """
@@ -129,7 +129,8 @@ class WordStudent(nn.Module):
         if self.vocab is not None:
             self.vocab.save(folder / VOCAB_FILE)
 
-    def _build_head(self, feature_dim: int, mlp_hidden: int, dropout: float) -> None:
+    def _build_head(self, feature_dim: int, mlp_hidden: int, dropout: float, token_dim: int | None = None) -> None:
+        """token_dim: the width of the top token states when it differs from the sentence vector's."""
         cfg = self.config
         in_dim = 4 * feature_dim if cfg.pair else feature_dim
         layers: list[nn.Module] = [nn.Dropout(dropout)]
@@ -140,7 +141,7 @@ class WordStudent(nn.Module):
         self.head = nn.Sequential(*layers)
         project_to = getattr(cfg, "project_to", None)
         if project_to:  # created after the head: students without it keep their seeded init
-            self.projections = nn.ModuleDict({"pkd": nn.Linear(feature_dim, int(project_to))})
+            self.projections = nn.ModuleDict({"pkd": nn.Linear(token_dim or feature_dim, int(project_to))})
 
     # ---------------------------------------------------------------- inputs
     def encode_texts(self, texts, texts_b=None) -> dict:
