@@ -50,6 +50,12 @@ def token_mask(out: StudentOutput, batch: dict, loss: str) -> Tensor:
     return tm
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, L, d) -> (B, d): the mean over the valid positions of `mask` (B, L); a row without any reads 0."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def project(out: StudentOutput, keys: tuple[str, ...], x: Tensor, d_t: int, loss: str) -> Tensor:
     """x (.., d_S) through the first of out.projections[keys] present; identity when widths match."""
     if out.projections is not None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses.common import (check_map, fail, gold_labels, is_word_student, kd_rows, kl_rows, project, require,
-                                   scalar, teacher_depth, teacher_layer)
+from trainer.losses.common import (check_map, fail, gold_labels, is_word_student, kd_rows, kl_rows, masked_mean, project,
+                                   require, scalar, teacher_depth, teacher_layer)
 from trainer.losses.logit import check_alpha_t
 from trainer.losses.registry import register
 
@@ -43,8 +43,7 @@ def student_sentence_state(out, i: int, d_t: int, loss: str) -> Tensor:
     if out.projections is None or not any(k in out.projections for k in keys):
         fail(loss, f"word-level student: PKD needs a learned projection out.projections[{keys[0]!r} or 'pkd'] "
                    f"of its layer-{i} states to the teacher width {d_t}")
-    m = out.mask.to(h.dtype)[..., None]
-    return project(out, keys, (h * m).sum(1) / m.sum(1).clamp(min=1), d_t, loss)
+    return project(out, keys, masked_mean(h, out.mask), d_t, loss)
 
 
 def patient_rows(out, batch, pairs, loss: str) -> Tensor:

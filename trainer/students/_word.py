@@ -3,7 +3,7 @@
 A subclass implements `_sentence(ids, lengths, hidden) -> (vector (B, d), hidden list | None)`
 and calls `_build_head(d, ...)`, where d is the width of its sentence vector and (unless `token_dim` says
 otherwise) of its top token states. With `config.project_to` set (the teacher width d_T), `_build_head` also adds
-`projections["pkd"] = Linear(d, d_T)`: the learned map PKD / dynakd_supervision use to compare
+`projections["pkd"] = Linear(token width, d_T)`: the learned map PKD / dynakd_supervision use to compare
 the student's (masked-mean) token states with the teacher's [CLS] states.
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Embeddings (GloVe-initialised, trainable) -> BiLSTM (1 layer, Tang's) over packed sequences ->
 sentence vector (last states of both directions, max over time, or max and mean over time) -> for pairs
 [u; v; u∘v; |u−v|] with a shared encoder -> ReLU MLP (one hidden layer) -> K logits.
-Defaults follow the paper's SST-2 model: 150 units per direction (a 300-d sentence
-vector), a 200-unit ReLU layer; the paper used 300/400 for sentence-pair tasks.
+Sizes follow the paper's SST-2 model: 150 units per direction, a 200-unit ReLU layer (the paper used
+300/400 for sentence-pair tasks); the default pooling, max and mean, makes the sentence vector 600-d.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from trainer.losses.common import masked_mean
 from trainer.students._word import WordConfig, WordStudent, lengths_mask
 
 
@@ -57,9 +58,8 @@ class BiLSTMStudent(WordStudent):
                 return vec, None
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.size(1))
         if self.config.pooling != "last":
-            valid = lengths_mask(lengths, ids.size(1))[..., None]
-            vec = out.masked_fill(~valid, float("-inf")).max(dim=1).values
+            valid = lengths_mask(lengths, ids.size(1))
+            vec = out.masked_fill(~valid[..., None], float("-inf")).max(dim=1).values
             if self.config.pooling == "max_mean":
-                mean = out.masked_fill(~valid, 0.0).sum(dim=1) / lengths[:, None].to(out.dtype)
-                vec = torch.cat([vec, mean], dim=-1)
+                vec = torch.cat([vec, masked_mean(out, valid)], dim=-1)
         return vec, ([emb, out] if hidden else None)
